@@ -1,0 +1,19 @@
+"""vattn: a KV cache in contiguous virtual memory, physical pages mapped on demand.
+
+Public API: `VirtualKVCache` (with `CacheStats`), and the errors `VattnError`,
+`OutOfPages`, `OutOfSlots`, `InvalidArgument`, `DriverError`.
+"""
+
+from vattn.cache import CacheStats, VirtualKVCache
+from vattn.errors import DriverError, InvalidArgument, OutOfPages, OutOfSlots, VattnError
+
+__all__ = [
+    "CacheStats",
+    "DriverError",
+    "InvalidArgument",
+    "OutOfPages",
+    "OutOfSlots",
+    "VattnError",
+    "VirtualKVCache",
+]
+__version__ = "0.1.0"

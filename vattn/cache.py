@@ -1,0 +1,343 @@
+"""`VirtualKVCache`: the public object tying the layers together.
+
+::
+
+    step(targets) --validate--> SlotAllocator.plan --> Mapper (unmap reclaim, map grow)
+                                      |                     |
+                                  PagePool.take/put     VirtualMemory (cuda | host)
+
+Every public method takes the cache's lock, so it may be called from several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from vattn import driver
+from vattn.allocator import MapPlan, PageRun, SlotAllocator
+from vattn.config import DEFAULT_MEMORY_FRACTION, CacheConfig, resolve_device
+from vattn.errors import InvalidArgument, OutOfPages, VattnError
+from vattn.layout import LayoutName
+from vattn.mapper import CompletedFence, EventFence, Fence
+from vattn.resources import Pending, Resources
+from vattn.views import byte_view, kv_views
+
+logger = logging.getLogger(__name__)
+_LIVE: weakref.WeakSet[VirtualKVCache] = weakref.WeakSet()
+
+
+@dataclass(slots=True, frozen=True)
+class CacheStats:
+    """A snapshot of a cache's memory; page counts are physical pages."""
+
+    page_size_bytes: int
+    """Bytes per physical page."""
+    active_slots: int
+    """Slots owned by requests."""
+    idle_slots_with_pages: int
+    """Freed slots that still hold pages (deferred reclamation)."""
+    pages_mapped: int
+    """Pages mapped in slots, active and idle."""
+    pages_idle: int
+    """Of `pages_mapped`, those held by idle slots."""
+    pages_pending: int
+    """Pages waiting for their fence before they are unmapped."""
+    pages_free: int
+    """Pages created and sitting in the pool."""
+    pages_created: int
+    """Pages that exist (mapped + pending + free), not counting the anchor page."""
+    memory_limit_bytes: int
+    """Cap on physical memory, the anchor page included."""
+    physical_bytes: int
+    """Physical memory held now, the anchor page included."""
+
+
+class VirtualKVCache:
+    """KV cache of `num_layers` layers in contiguous virtual memory, mapped on demand.
+
+    Example::
+
+        cache = VirtualKVCache(num_layers=32, num_kv_heads=8, head_dim=128,
+                               dtype=torch.bfloat16, max_batch_size=32,
+                               max_context_len=32768, device="cuda")
+        slot = cache.allocate()
+        cache.step({slot: 3000})          # slot now holds >= 3000 (+ read_slack) tokens
+        k, v = cache.kv(0)                # [max_batch_size, max_context_len, 8, 128] views
+        k[slot, :3000] = new_keys
+        cache.free(slot)
+        cache.close()
+
+    ``max_context_len`` is rounded up so a slot is a whole number of pages; the
+    attribute holds the padded value. The views cover the whole reservation, most of it
+    unmapped: index them by slot and length only (DESIGN.md, Views); they dangle after
+    `close()`. On CUDA, pages that leave a slot are unmapped only after an event recorded
+    on `streams` (default: the current stream) at the time of `free` has completed.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 max_batch_size: int, max_context_len: int,
+                 device: str | torch.device = "cuda", *, layout: LayoutName = "per_layer",
+                 page_size_bytes: int = 2 << 20, memory_limit: int | None = None,
+                 read_slack: int = 256, debug_fill_nan: bool = False,
+                 streams: list[torch.cuda.Stream] | None = None) -> None:
+        self.config = CacheConfig(num_layers, num_kv_heads, head_dim, dtype, max_batch_size,
+                                  max_context_len, resolve_device(device), layout,
+                                  page_size_bytes, memory_limit, read_slack, debug_fill_nan)
+        self.layout = self.config.make_layout()
+        self.max_context_len = self.layout.max_context_len
+        self.device = self.config.device
+        self._streams = list(streams or [])
+        vm = driver.open_backend(self.device)
+        try:
+            if page_size_bytes % vm.granularity:
+                raise InvalidArgument(f"page_size_bytes must be a multiple of the "
+                                      f"{vm.granularity}-byte granularity, got {page_size_bytes}")
+            limit = memory_limit or int(vm.memory_info()[0] * DEFAULT_MEMORY_FRACTION)
+            self._res = Resources(vm, self.layout, limit // page_size_bytes - 1)
+        except BaseException:
+            vm.close()
+            raise
+        self._finalize = weakref.finalize(self, self._res.teardown)
+        self._memory_limit = limit
+        self._policy = SlotAllocator(max_batch_size, self.layout.pages_per_slot,
+                                     self.layout.num_tensors)
+        self._free_fences: list[Fence] = [CompletedFence()] * max_batch_size
+        self._bytes = byte_view(self._res.base_address, self.layout.reservation_bytes,
+                                self.device)
+        self._views = kv_views(self._bytes, self.layout, dtype)
+        self._lock = threading.RLock()
+        self._forked = False
+        _LIVE.add(self)
+
+    # -- requests --------------------------------------------------------------------
+
+    def can_allocate(self, num_tokens: int = 0) -> bool:
+        """Whether `allocate(num_tokens)` then `step` to `num_tokens` would succeed now."""
+        with self._lock:
+            self._check_usable()
+            pages = self._pages_for(num_tokens)
+            slot = self._policy.choose(pages)
+            if slot is None:
+                return False
+            short = max(0, pages - self._policy.slots[slot].num_pages) * self.layout.num_tensors
+            spare = (self._res.pool.num_available + self._res.num_pending
+                     + self._policy.reclaimable(exclude=slot))
+            return short <= spare
+
+    def allocate(self, num_tokens: int = 0) -> int:
+        """Take a free slot for a request of about `num_tokens` tokens (0: unknown).
+
+        Prefers a freed slot whose pages already cover `num_tokens` (best fit). Maps
+        nothing: call `step` next. Raises `OutOfSlots` when every slot is taken.
+        """
+        with self._lock:
+            self._check_usable()
+            return self._policy.allocate(self._pages_for(num_tokens))
+
+    def free(self, slot: int) -> None:
+        """Release `slot`; its pages stay mapped for the next request.
+
+        Kernels already enqueued may still read the slot: its pages are unmapped (if
+        ever) only after an event recorded now has completed.
+        """
+        with self._lock:
+            self._check_usable()
+            self._check_active(slot)
+            self._policy.free(slot)
+            self._free_fences[slot] = self._new_fence()
+
+    def step(self, targets: Mapping[int, int]) -> None:
+        """Map pages so that each slot in `targets` holds at least that many tokens.
+
+        `targets` maps slot -> tokens the slot must hold once the next forward pass has
+        appended its tokens; `read_slack` more tokens are mapped behind them. Slots not
+        named keep what they have; no slot shrinks. Raises `OutOfPages` with nothing
+        changed when the pages cannot be had (after waiting up to `pending_timeout_s`
+        for fenced pages).
+        """
+        with self._lock:
+            self._check_usable()
+            need = {self._check_active(slot): self._pages_for(tokens)
+                    for slot, tokens in self._check_mapping(targets).items()}
+            self._res.reap(block=False)
+            plan = self._plan(need)
+            if not plan.empty:
+                self._execute(plan)
+
+    def trim(self) -> int:
+        """Unmap idle slots' pages and release free pages to the device; returns the
+        number of pages released now (fenced ones follow once their events complete)."""
+        with self._lock:
+            self._check_usable()
+            plan = self._policy.trim_plan()
+            for run in plan.reclaim:
+                rows = self._res.take_rows(run)
+                self._res.pending.append(Pending(self._free_fences[run.slot], run, rows, True))
+            self._policy.apply(plan)
+            return self._res.reap(block=False) + self._res.pool.trim(0)
+
+    # -- views and numbers -----------------------------------------------------------
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of `layer`, each ``[max_batch_size, max_context_len, Hkv, D]`` of the
+        cache's dtype, zero-copy over the virtual reservation. Index by slot and length.
+        """
+        self._check_usable()
+        if not isinstance(layer, int) or not 0 <= layer < self.layout.num_layers:
+            raise InvalidArgument(
+                f"layer must be an int in [0, {self.layout.num_layers}), got {layer!r}")
+        return self._views[layer]
+
+    def capacity(self, slot: int) -> int:
+        """Tokens `slot` has mapped now (its target plus at least `read_slack`)."""
+        with self._lock:
+            self._check_usable()
+            self._check_slot(slot)
+            return self.layout.tokens_for_pages(self._policy.slots[slot].num_pages)
+
+    def stats(self) -> CacheStats:
+        """Counts of slots and physical pages; see `CacheStats`."""
+        with self._lock:
+            self._check_usable()
+            tensors = self.layout.num_tensors
+            slots = self._policy.slots
+            mapped = sum(s.num_pages for s in slots) * tensors
+            pool = self._res.pool
+            return CacheStats(
+                page_size_bytes=self.layout.page_size_bytes,
+                active_slots=sum(s.active for s in slots),
+                idle_slots_with_pages=sum(not s.active and s.num_pages > 0 for s in slots),
+                pages_mapped=mapped,
+                pages_idle=self._policy.reclaimable(),
+                pages_pending=self._res.num_pending,
+                pages_free=pool.num_free,
+                pages_created=pool.num_created,
+                memory_limit_bytes=self._memory_limit,
+                physical_bytes=(pool.num_created + 1) * self.layout.page_size_bytes)
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and release everything, give back the reservation. Idempotent.
+
+        Waits for the device to finish first. The views dangle afterwards.
+        """
+        with self._lock:
+            _LIVE.discard(self)
+            if not self._forked:
+                self._finalize()
+
+    @property
+    def closed(self) -> bool:
+        """True after `close()`."""
+        return not self._finalize.alive
+
+    def __enter__(self) -> VirtualKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"VirtualKVCache(layers={c.num_layers}, kv_heads={c.num_kv_heads}, "
+                f"head_dim={c.head_dim}, dtype={c.dtype}, slots={c.max_batch_size}, "
+                f"max_context_len={self.max_context_len}, layout={c.layout!r}, "
+                f"device={self.device}, page={self.layout.page_size_bytes >> 20} MiB)")
+
+    # -- internals -------------------------------------------------------------------
+
+    def _plan(self, need: dict[int, int]) -> MapPlan:
+        """Plan `need`; when short, wait for pending pages once and plan again."""
+        try:
+            return self._policy.plan(need, self._res.pool.num_available)
+        except OutOfPages:
+            if not self._res.pending:
+                raise
+        self._res.reap(block=True, timeout_s=self.config.pending_timeout_s)
+        return self._policy.plan(need, self._res.pool.num_available)
+
+    def _execute(self, plan: MapPlan) -> None:
+        """Unmap the reclaimed runs, then map the grown ones; all or nothing for the grow.
+
+        Reclaimed pages come from idle slots; whatever happens after, they sit in the
+        pool, which changes no request's data.
+        """
+        timeout = self.config.pending_timeout_s
+        for run in plan.reclaim:
+            if not self._free_fences[run.slot].wait(timeout):
+                raise OutOfPages(plan.num_pages(plan.grow, self.layout.num_tensors),
+                                 self._res.pool.num_available)
+        grow_slots = {run.slot for run in plan.grow}
+        self._res.wait_pending(grow_slots, timeout)
+        for run in plan.reclaim:
+            self._res.mapper.unmap_run(run.slot, run.first_page, run.num_pages)
+            self._res.pool.put([h for row in self._res.take_rows(run) for h in row])
+        self._policy.apply(MapPlan(reclaim=plan.reclaim))
+        self._res.map_runs(plan.grow)
+        self._policy.apply(MapPlan(grow=plan.grow))
+        if self.config.debug_fill_nan:
+            for run in plan.grow:
+                self._fill_nan(run)
+
+    def _fill_nan(self, run: PageRun) -> None:
+        page = self.layout.page_size_bytes
+        for tensor in range(self.layout.num_tensors):
+            start = self.layout.page_offset(tensor, run.slot, run.first_page)
+            self._bytes[start:start + run.num_pages * page].view(self.config.dtype).fill_(
+                float("nan"))
+
+    def _new_fence(self) -> Fence:
+        if self.device.type != "cuda":
+            return CompletedFence()
+        return EventFence(self._streams or [torch.cuda.current_stream(self.device)])
+
+    def _pages_for(self, num_tokens: int) -> int:
+        if (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)
+                or not 0 <= num_tokens <= self.max_context_len):
+            raise InvalidArgument(f"num_tokens must be an int in [0, {self.max_context_len}]"
+                                  f" (max_context_len), got {num_tokens!r}")
+        return self.layout.pages_for_tokens(num_tokens, self.config.read_slack)
+
+    def _check_mapping(self, targets: Mapping[int, int]) -> Mapping[int, int]:
+        if not isinstance(targets, Mapping):
+            raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
+                                  f"got {type(targets).__name__}")
+        return targets
+
+    def _check_slot(self, slot: int) -> int:
+        if not isinstance(slot, int) or isinstance(slot, bool) or not (
+                0 <= slot < self.layout.max_batch_size):
+            raise InvalidArgument(
+                f"slot must be an int in [0, {self.layout.max_batch_size}), got {slot!r}")
+        return slot
+
+    def _check_active(self, slot: int) -> int:
+        if not self._policy.slots[self._check_slot(slot)].active:
+            raise InvalidArgument(f"slot {slot} is not allocated (freed twice, or never "
+                                  f"returned by allocate())")
+        return slot
+
+    def _check_usable(self) -> None:
+        if self._forked:
+            raise VattnError("this VirtualKVCache belongs to the parent process; a forked "
+                             "child cannot use it (create a new cache in the child)")
+        if self.closed:
+            raise VattnError("this VirtualKVCache is closed")
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_LIVE):
+        cache._forked = True
+        cache._finalize.detach()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,118 @@
+"""The CUDA driver's virtual-memory API through cuda-python (`cuda.bindings.driver`).
+
+Every call runs with the device's primary context current (the one torch uses), set
+once per thread; the bindings release the GIL inside driver calls (cuda-bindings >=
+12.9.1). A result other than ``CUDA_SUCCESS`` raises `DriverError(call, code_name)`,
+and ``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from cuda.bindings import driver as cu
+
+from vattn.errors import DriverError, OutOfPages
+
+
+def _check(call: str, result: tuple[Any, ...]) -> Any:
+    """The value of a driver call's ``(CUresult, value...)`` tuple, or DriverError."""
+    err = result[0]
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise DriverError(call, getattr(err, "name", str(err)))
+    return result[1] if len(result) == 2 else result[1:]
+
+
+class CudaVirtualMemory:
+    """The `VirtualMemory` protocol on one CUDA device."""
+
+    name = "cuda"
+
+    def __init__(self, ordinal: int) -> None:
+        try:
+            _check("cuInit", cu.cuInit(0))
+        except RuntimeError as exc:  # the bindings could not load libcuda
+            raise DriverError("cuInit", "CUDA_ERROR_NO_DEVICE", str(exc)) from exc
+        self.ordinal = ordinal
+        self.device = f"cuda:{ordinal}"
+        self._cu_device = _check("cuDeviceGet", cu.cuDeviceGet(ordinal))
+        self._context = _check("cuDevicePrimaryCtxRetain",
+                               cu.cuDevicePrimaryCtxRetain(self._cu_device))
+        self._local = threading.local()
+        self._prop = cu.CUmemAllocationProp()
+        self._prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        self._prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self._prop.location.id = ordinal
+        self._access = cu.CUmemAccessDesc()
+        self._access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self._access.location.id = ordinal
+        self._access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self.granularity = int(_check("cuMemGetAllocationGranularity",
+                                      cu.cuMemGetAllocationGranularity(
+                                          self._prop, cu.CUmemAllocationGranularity_flags
+                                          .CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
+
+    def describe(self) -> dict[str, str]:
+        self._enter()
+        version = int(_check("cuDriverGetVersion", cu.cuDriverGetVersion()))
+        name = _check("cuDeviceGetName", cu.cuDeviceGetName(256, self._cu_device))
+        return {"backend": "cuda", "device": name.split(b"\0", 1)[0].decode(),
+                "driver": f"CUDA driver API {version // 1000}.{version % 1000 // 10}"}
+
+    def memory_info(self) -> tuple[int, int]:
+        self._enter()
+        free, total = _check("cuMemGetInfo", cu.cuMemGetInfo())
+        return int(free), int(total)
+
+    def reserve(self, size_bytes: int, alignment_bytes: int) -> int:
+        self._enter()
+        return int(_check("cuMemAddressReserve",
+                          cu.cuMemAddressReserve(size_bytes, alignment_bytes, 0, 0)))
+
+    def free(self, address: int, size_bytes: int) -> None:
+        self._enter()
+        _check("cuMemAddressFree", cu.cuMemAddressFree(address, size_bytes))
+
+    def create(self, size_bytes: int) -> int:
+        self._enter()
+        err, handle = cu.cuMemCreate(size_bytes, self._prop, 0)
+        if err == cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
+            raise OutOfPages(1, 0, "device memory")
+        _check("cuMemCreate", (err, handle))
+        return int(handle)
+
+    def release(self, handle: int) -> None:
+        self._enter()
+        _check("cuMemRelease", cu.cuMemRelease(handle))
+
+    def map(self, address: int, size_bytes: int, handle: int) -> None:
+        self._enter()
+        _check("cuMemMap", cu.cuMemMap(address, size_bytes, 0, handle, 0))
+
+    def set_access(self, address: int, size_bytes: int) -> None:
+        self._enter()
+        _check("cuMemSetAccess", cu.cuMemSetAccess(address, size_bytes, [self._access], 1))
+
+    def unmap(self, address: int, size_bytes: int) -> None:
+        self._enter()
+        _check("cuMemUnmap", cu.cuMemUnmap(address, size_bytes))
+
+    def synchronize(self) -> None:
+        self._enter()
+        _check("cuCtxSynchronize", cu.cuCtxSynchronize())
+
+    def close(self) -> None:
+        if self._context is not None:
+            self._context = None
+            result = cu.cuDevicePrimaryCtxRelease(self._cu_device)
+            if result[0] not in (cu.CUresult.CUDA_SUCCESS,
+                                 cu.CUresult.CUDA_ERROR_DEINITIALIZED):
+                raise DriverError("cuDevicePrimaryCtxRelease", result[0].name)
+
+    def _enter(self) -> None:
+        """Make the primary context current on this thread (once per thread)."""
+        if getattr(self._local, "context_set", False):
+            return
+        _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
+        self._local.context_set = True

@@ -1,0 +1,111 @@
+"""Carrying out plans: the driver calls that map and unmap page runs, and the fences
+that keep an unmap behind every kernel that may still read the page.
+
+A run of `n` pages of one slot is mapped in each tensor with `n` map calls and one
+set-access call over the whole run (the run is contiguous in that tensor). A failure
+part way unmaps what the run had mapped, so the caller sees all or nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from vattn.driver.base import VirtualMemory
+from vattn.errors import DriverError
+from vattn.layout import Layout
+
+
+class Fence(Protocol):
+    """Completes when the device work enqueued before it was recorded has finished."""
+
+    def done(self) -> bool:
+        """True once every recorded event has completed (never blocks)."""
+        ...
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` for completion; returns `done()`."""
+        ...
+
+
+class CompletedFence:
+    """The host backend's fence: CPU tensors are written synchronously."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout_s: float) -> bool:
+        return True
+
+
+class EventFence:
+    """CUDA events recorded on every registered stream at once."""
+
+    def __init__(self, streams: Sequence[torch.cuda.Stream]) -> None:
+        self._events = []
+        for stream in streams:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._events.append(event)
+
+    def done(self) -> bool:
+        self._events = [e for e in self._events if not e.query()]
+        return not self._events
+
+    def wait(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        pause = 20e-6
+        while not self.done():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        return True
+
+
+class Mapper:
+    """Synchronous driver work for one cache's reservation at `base_address`."""
+
+    def __init__(self, vm: VirtualMemory, layout: Layout, base_address: int) -> None:
+        self.vm = vm
+        self.layout = layout
+        self.base_address = base_address
+
+    def map_run(self, slot: int, first_page: int, rows: Sequence[Sequence[int]]) -> None:
+        """Map ``rows[j][t]`` at page ``first_page + j`` of `slot` in tensor `t`.
+
+        Each row holds one handle per tensor. All or nothing: on a failure every page
+        this call mapped is unmapped again before the error propagates.
+        """
+        page = self.layout.page_size_bytes
+        done: list[tuple[int, int]] = []  # (address, num_pages) mapped so far
+        try:
+            for tensor in range(self.layout.num_tensors):
+                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                done.append((start, 0))
+                for j, row in enumerate(rows):
+                    self.vm.map(start + j * page, page, row[tensor])
+                    done[-1] = (start, j + 1)
+                self.vm.set_access(start, len(rows) * page)
+        except BaseException:
+            for start, count in done:
+                self._unmap_pages(start, count, suppress=True)
+            raise
+
+    def unmap_run(self, slot: int, first_page: int, num_pages: int) -> None:
+        """Unmap pages ``first_page ..`` of `slot` in every tensor."""
+        for tensor in range(self.layout.num_tensors):
+            start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+            self._unmap_pages(start, num_pages)
+
+    def _unmap_pages(self, start: int, num_pages: int, suppress: bool = False) -> None:
+        page = self.layout.page_size_bytes
+        for j in range(num_pages):
+            try:
+                self.vm.unmap(start + j * page, page)
+            except DriverError:
+                if not suppress:
+                    raise
