@@ -171,17 +171,33 @@ class VirtualKVCache:
             if not plan.empty:
                 self._execute(plan)
 
-    def trim(self) -> int:
-        """Unmap idle slots' pages and release free pages to the device; returns the
-        number of pages released now (fenced ones follow once their events complete)."""
+    def trim(self, release: bool = True) -> int:
+        """Unmap every idle slot's pages; returns the pages released to the device now.
+
+        With `release` (the default) the unmapped pages and the pool's free pages are
+        released to the device; pages still fenced behind running kernels follow once
+        their events complete. With ``release=False`` they go back to the pool.
+        """
         with self._lock:
             self._check_usable()
             plan = self._policy.trim_plan()
             for run in plan.reclaim:
                 rows = self._res.take_rows(run)
-                self._res.pending.append(Pending(self._free_fences[run.slot], run, rows, True))
+                self._res.pending.append(
+                    Pending(self._free_fences[run.slot], run, rows, release))
             self._policy.apply(plan)
-            return self._res.reap(block=False) + self._res.pool.trim(0)
+            released = self._res.reap(block=False)
+            return released + (self._res.pool.trim(0) if release else 0)
+
+    def grow_pool(self, num_bytes: int) -> int:
+        """Create physical pages ahead of need (up to `memory_limit`) so later steps only
+        map; returns the bytes created."""
+        with self._lock:
+            self._check_usable()
+            if not isinstance(num_bytes, int) or isinstance(num_bytes, bool) or num_bytes < 0:
+                raise InvalidArgument(f"num_bytes must be an int >= 0, got {num_bytes!r}")
+            page = self.layout.page_size_bytes
+            return self._res.pool.grow(-(-num_bytes // page)) * page
 
     # -- views and numbers -----------------------------------------------------------
 
@@ -278,9 +294,10 @@ class VirtualKVCache:
         grow_slots = {run.slot for run in plan.grow}
         self._res.wait_pending(grow_slots, timeout)
         for run in plan.reclaim:
-            self._res.mapper.unmap_run(run.slot, run.first_page, run.num_pages)
+            rows = self._res.rows[run.slot][run.first_page:]
+            self._res.mapper.unmap_run(run.slot, run.first_page, rows)
             self._res.pool.put([h for row in self._res.take_rows(run) for h in row])
-        self._policy.apply(MapPlan(reclaim=plan.reclaim))
+            self._policy.apply(MapPlan(reclaim=(run,)))
         self._res.map_runs(plan.grow)
         self._policy.apply(MapPlan(grow=plan.grow))
         if self.config.debug_fill_nan:

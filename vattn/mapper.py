@@ -9,7 +9,8 @@ part way unmaps what the run had mapped, so the caller sees all or nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -17,6 +18,8 @@ import torch
 from vattn.driver.base import VirtualMemory
 from vattn.errors import DriverError
 from vattn.layout import Layout
+
+logger = logging.getLogger(__name__)
 
 
 class Fence(Protocol):
@@ -81,31 +84,40 @@ class Mapper:
         this call mapped is unmapped again before the error propagates.
         """
         page = self.layout.page_size_bytes
-        done: list[tuple[int, int]] = []  # (address, num_pages) mapped so far
+        done: list[int] = []  # addresses mapped so far
         try:
             for tensor in range(self.layout.num_tensors):
                 start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-                done.append((start, 0))
                 for j, row in enumerate(rows):
                     self.vm.map(start + j * page, page, row[tensor])
-                    done[-1] = (start, j + 1)
+                    done.append(start + j * page)
                 self.vm.set_access(start, len(rows) * page)
         except BaseException:
-            for start, count in done:
-                self._unmap_pages(start, count, suppress=True)
+            for address in done:
+                _quietly(self.vm.unmap, address, page)
             raise
 
-    def unmap_run(self, slot: int, first_page: int, num_pages: int) -> None:
-        """Unmap pages ``first_page ..`` of `slot` in every tensor."""
-        for tensor in range(self.layout.num_tensors):
-            start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-            self._unmap_pages(start, num_pages)
-
-    def _unmap_pages(self, start: int, num_pages: int, suppress: bool = False) -> None:
+    def unmap_run(self, slot: int, first_page: int, rows: Sequence[Sequence[int]]) -> None:
+        """Unmap the pages `map_run(slot, first_page, rows)` mapped; all or nothing: on a
+        failure the pages this call unmapped are mapped back."""
         page = self.layout.page_size_bytes
-        for j in range(num_pages):
-            try:
-                self.vm.unmap(start + j * page, page)
-            except DriverError:
-                if not suppress:
-                    raise
+        done: list[tuple[int, int]] = []  # (address, handle) unmapped so far
+        try:
+            for tensor in range(self.layout.num_tensors):
+                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                for j, row in enumerate(rows):
+                    self.vm.unmap(start + j * page, page)
+                    done.append((start + j * page, row[tensor]))
+        except BaseException:
+            for address, handle in done:
+                _quietly(self.vm.map, address, page, handle)
+                _quietly(self.vm.set_access, address, page)
+            raise
+
+
+def _quietly(call: Callable[..., None], *args: int) -> None:
+    """Undo work after a failure; a second failure must not hide the first."""
+    try:
+        call(*args)
+    except DriverError as exc:
+        logger.error("undo after a driver failure failed too: %s", exc)

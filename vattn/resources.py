@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vattn.allocator import PageRun
@@ -79,7 +79,7 @@ class Resources:
         runs, mapper = list(runs), self.mapper
         tensors = self.layout.num_tensors
         handles = self.pool.take(sum(run.num_pages for run in runs) * tensors)
-        done: list[PageRun] = []
+        done: list[tuple[PageRun, list[Row]]] = []
         try:
             position = 0
             for run in runs:
@@ -87,29 +87,23 @@ class Resources:
                         for j in range(run.num_pages)]
                 mapper.map_run(run.slot, run.first_page, rows)
                 position += run.num_pages * tensors
-                done.append(run)
+                done.append((run, rows))
         except BaseException:
-            for run in done:
-                mapper.unmap_run(run.slot, run.first_page, run.num_pages)
+            for run, rows in done:
+                mapper.unmap_run(run.slot, run.first_page, rows)
             self.pool.put(handles)
             raise
-        position = 0
-        for run in runs:
-            for _ in range(run.num_pages):
-                self.rows[run.slot].append(handles[position:position + tensors])
-                position += tensors
+        for run, rows in done:
+            self.rows[run.slot].extend(rows)
 
     def reap(self, block: bool, timeout_s: float = 0.0) -> int:
         """Unmap pending pages whose fence completed (waiting up to `timeout_s` each when
         `block`); returns how many pages were released to the device."""
         released = 0
-        still: list[Pending] = []
-        for entry in self.pending:
+        for entry in list(self.pending):
             if entry.fence.done() or (block and entry.fence.wait(timeout_s)):
                 released += self._retire(entry)
-            else:
-                still.append(entry)
-        self.pending = still
+                self.pending.remove(entry)
         return released
 
     def wait_pending(self, slots: set[int], timeout_s: float) -> None:
@@ -123,7 +117,7 @@ class Resources:
         self.reap(block=False)
 
     def _retire(self, entry: Pending) -> int:
-        self.mapper.unmap_run(entry.run.slot, entry.run.first_page, entry.run.num_pages)
+        self.mapper.unmap_run(entry.run.slot, entry.run.first_page, entry.rows)
         handles = [h for row in entry.rows for h in row]
         if not entry.release:
             self.pool.put(handles)
@@ -132,27 +126,38 @@ class Resources:
         return len(handles)
 
     def teardown(self) -> None:
-        """Unmap and release everything and free the reservation (finalizer; once)."""
+        """Unmap and release everything and free the reservation (the finalizer; runs
+        once). Best effort: it goes on past a failed call and raises the first failure
+        at the end; a context already gone at interpreter exit is not a failure."""
         if os.getpid() != self.pid:
             return
         vm, page = self.vm, self.layout.page_size_bytes
-        try:
-            vm.synchronize()
-            for slot, rows in enumerate(self.rows):
-                if rows:
-                    self.mapper.unmap_run(slot, 0, len(rows))
-                    self.pool.put([h for row in rows for h in row])
-                    rows.clear()
-            for entry in self.pending:
-                self._retire(entry)
-            self.pending.clear()
-            self.pool.release_all()
-            vm.unmap(self.base_address, page)
-            vm.release(self.anchor)
-            vm.free(self.base_address, self.layout.reservation_bytes)
-        except DriverError as exc:
-            if exc.code_name != "CUDA_ERROR_DEINITIALIZED":
-                raise
+        errors: list[DriverError] = []
+
+        def attempt(call: Callable[..., object], *args: int) -> None:
+            try:
+                call(*args)
+            except DriverError as exc:
+                errors.append(exc)
+
+        attempt(vm.synchronize)
+        mapped = [(slot, 0, rows) for slot, rows in enumerate(self.rows) if rows]
+        mapped += [(p.run.slot, p.run.first_page, p.rows) for p in self.pending]
+        for slot, first_page, rows in mapped:
+            for tensor in range(self.layout.num_tensors):
+                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                for j, row in enumerate(rows):
+                    attempt(vm.unmap, start + j * page, page)
+                    attempt(vm.release, row[tensor])
+        attempt(self.pool.release_all)
+        attempt(vm.unmap, self.base_address, page)
+        attempt(vm.release, self.anchor)
+        attempt(vm.free, self.base_address, self.layout.reservation_bytes)
+        attempt(vm.close)
+        self.rows = [[] for _ in self.rows]
+        self.pending = []
+        real = [e for e in errors if e.code_name != "CUDA_ERROR_DEINITIALIZED"]
+        if len(real) < len(errors):
             logger.debug("CUDA context already gone at teardown; nothing left to release")
-        finally:
-            vm.close()
+        if real:
+            raise real[0]

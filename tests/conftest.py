@@ -1,0 +1,68 @@
+"""Shared fixtures and checks: small caches on the host backend, DESIGN.md invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vattn
+from vattn.cache import VirtualKVCache
+
+PAGE = 1 << 20
+"""1 MiB pages keep host tests small; the backend maps at 4 KiB granularity."""
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def small_cache(layout: str = "per_layer", **overrides: object) -> VirtualKVCache:
+    """2 layers, 2 KV heads x 64, fp32: 512 B a token, 2048 tokens a 1 MiB page."""
+    args: dict[str, object] = dict(
+        num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_batch_size=4,
+        max_context_len=5000, device="cpu", layout=layout, page_size_bytes=PAGE,
+        memory_limit=64 * PAGE, read_slack=16, debug_fill_nan=True)
+    args.update(overrides)
+    return VirtualKVCache(**args)  # type: ignore[arg-type]
+
+
+def host_mapped_bytes(start: int, size: int) -> int:
+    """Bytes of memfd-backed mappings inside [start, start + size) in this process."""
+    total = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if len(fields) >= 6 and "memfd:vattn" in fields[5]:
+                total += max(0, min(hi, start + size) - max(lo, start))
+    return total
+
+
+def check_invariants(cache: VirtualKVCache) -> None:
+    """DESIGN.md invariants 1 and 2 (3 is checked by the data-pattern tests)."""
+    stats = cache.stats()
+    assert stats.pages_mapped + stats.pages_pending + stats.pages_free == stats.pages_created
+    assert stats.pages_created * stats.page_size_bytes <= stats.memory_limit_bytes
+    res = cache._res
+    for slot, rows in enumerate(res.rows):
+        assert len(rows) == cache._policy.slots[slot].num_pages
+        assert all(len(row) == cache.layout.num_tensors for row in rows)
+    handles = [h for rows in res.rows for row in rows for h in row]
+    handles += [h for p in res.pending for row in p.rows for h in row]
+    handles += res.pool._free
+    assert len(handles) == len(set(handles)) == stats.pages_created, "a page is held twice"
+    if cache.device.type == "cpu":
+        mapped = host_mapped_bytes(res.base_address, cache.layout.reservation_bytes)
+        expected = (stats.pages_mapped + stats.pages_pending + 1) * stats.page_size_bytes
+        assert mapped == expected
+
+

@@ -1,0 +1,116 @@
+"""The shared benchmark harness: environment header, timers, Markdown table, JSON."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vattn
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(vattn.__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(backend: dict[str, str]) -> dict[str, str]:
+    """Hardware, driver, versions and commit, for the header of every benchmark."""
+    return {
+        **backend,
+        "date": datetime.date.today().isoformat(),
+        "vattn": vattn.__version__,
+        "commit": _commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda-bindings": _version("cuda-bindings"),
+        "triton": _version("triton"),
+    }
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """No garbage collection while host-side timings run."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def host_times(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
+    """Wall-clock seconds of `fn()` per call (garbage collector frozen)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    with frozen_gc():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def cuda_times(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 5) -> list[float]:
+    """Device seconds per call, CUDA events around each call; calls rotate over `fns`
+    (inputs larger than L2 each, so every call starts with a cold cache)."""
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        starts[i].record()
+        fns[i % len(fns)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0..100), nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of equal keys as a Markdown table."""
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")

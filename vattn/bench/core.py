@@ -1,0 +1,158 @@
+"""Core cache numbers: bulk map through step, no-op step, fragmentation, decode on the cache.
+
+Llama-3-8B KV shape (32 layers, 8 KV heads, head dim 128, bf16), 32 slots, 2 MiB pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from vattn.bench import common
+from vattn.cache import VirtualKVCache
+from vattn.driver import open_backend
+
+LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "num_q_heads": 32}
+GiB = 1 << 30
+
+
+def _cache(device: str, layout: str, num_layers: int, context: int, slots: int = 32,
+           read_slack: int = 256) -> VirtualKVCache:
+    return VirtualKVCache(num_layers=num_layers, num_kv_heads=LLAMA3_8B["num_kv_heads"],
+                          head_dim=LLAMA3_8B["head_dim"], dtype=torch.bfloat16,
+                          max_batch_size=slots, max_context_len=context, device=device,
+                          layout=layout, read_slack=read_slack)  # type: ignore[arg-type]
+
+
+def bulk_map(device: str, layout: str, tokens: int, repeats: int) -> dict[str, Any]:
+    """32 slots stepped from empty to `tokens` at once; pooled handles (create excluded),
+    and the first step with create included."""
+    with _cache(device, layout, LLAMA3_8B["num_layers"], 32768, read_slack=0) as cache:
+        first = common.host_times(lambda: _fill_all(cache, tokens), 1, warmup=0)[0]
+        mapped = cache.stats().pages_mapped * cache.layout.page_size_bytes
+        times = []
+        for _ in range(repeats):
+            for slot in range(32):
+                cache.free(slot)
+            cache.trim(release=False)
+            times.append(common.host_times(lambda: _fill_all(cache, tokens), 1, warmup=0)[0])
+    t = common.median(times)
+    return {"layout": layout, "pages": mapped // cache.layout.page_size_bytes,
+            "GiB mapped": round(mapped / GiB, 2), "ms (pooled)": round(t * 1e3, 2),
+            "GiB/s (pooled)": round(mapped / GiB / t, 1),
+            "GiB/s (create incl.)": round(mapped / GiB / first, 1)}
+
+
+def _fill_all(cache: VirtualKVCache, tokens: int) -> None:
+    slots = [cache.allocate() for _ in range(cache.layout.max_batch_size)]
+    cache.step(dict.fromkeys(slots, tokens))
+
+
+def noop_step(device: str, layout: str, repeats: int) -> dict[str, Any]:
+    """A step over 32 active slots that needs no page: decode inside mapped pages."""
+    with _cache(device, layout, LLAMA3_8B["num_layers"], 32768) as cache:
+        _fill_all(cache, 4096)
+        lengths = dict.fromkeys(range(32), 4000)
+
+        def one() -> None:
+            for slot in lengths:
+                lengths[slot] += 1
+            cache.step(lengths)
+
+        times = common.host_times(one, repeats, warmup=10)
+    return {"layout": layout, "median us": round(common.median(times) * 1e6, 1),
+            "p99 us": round(common.percentile(times, 99) * 1e6, 1)}
+
+
+def fragmentation(device: str, layout: str, lengths: list[int]) -> list[dict[str, Any]]:
+    """Physical bytes one request maps against the bytes its tokens need."""
+    rows = []
+    with _cache(device, layout, LLAMA3_8B["num_layers"], max(lengths), slots=1) as cache:
+        need_per_token = 2 * LLAMA3_8B["num_layers"] * cache.layout.num_kv_heads \
+            * cache.layout.head_dim * 2
+        for n in lengths:
+            slot = cache.allocate()
+            cache.step({slot: n})
+            mapped = cache.stats().pages_mapped * cache.layout.page_size_bytes
+            need = n * need_per_token
+            rows.append({"layout": layout, "tokens": n, "need MiB": round(need / 2**20, 1),
+                         "mapped MiB": round(mapped / 2**20, 1),
+                         "waste %": round(100 * (mapped - need) / mapped, 1)})
+            cache.free(slot)
+            cache.trim()
+    return rows
+
+
+def decode(device: str, layout: str, batch: int, context: int, num_layers: int,
+           repeats: int) -> list[dict[str, Any]]:
+    """Decode attention over the mapped cache: torch SDPA and torch's FlashAttention-2
+    (varlen with ``seqused_k`` on the ``[B*Lmax, Hkv, D]`` view)."""
+    hq, hkv, d = LLAMA3_8B["num_q_heads"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
+    rows = []
+    with _cache(device, layout, num_layers, context, slots=batch, read_slack=256) as cache:
+        slots = [cache.allocate() for _ in range(batch)]
+        cache.step(dict.fromkeys(slots, context))
+        lmax = cache.max_context_len
+        for layer in range(num_layers):
+            for t in cache.kv(layer):
+                t[:, :context].copy_(torch.randn(batch, context, hkv, d, device=device))
+        q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)
+        used = torch.full((batch,), context, dtype=torch.int32, device=device)
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        cu_k = cu_q * lmax
+
+        def sdpa(layer: int) -> torch.Tensor:
+            k, v = cache.kv(layer)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, None], k[:, :context].transpose(1, 2), v[:, :context].transpose(1, 2),
+                enable_gqa=True)
+
+        def fa2(layer: int) -> torch.Tensor:
+            k, v = cache.kv(layer)
+            return torch.ops.aten._flash_attention_forward(
+                q, k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 1, lmax, 0.0, False, False,
+                seqused_k=used)[0]
+
+        kv_bytes = 2 * batch * context * hkv * d * 2
+        for name, fn in (("sdpa", sdpa), ("torch-fa2", fa2)):
+            calls = [lambda layer=layer, fn=fn: fn(layer) for layer in range(num_layers)]
+            t = common.median(common.cuda_times(calls, repeats))
+            rows.append({"layout": layout, "batch": batch, "context": context, "kernel": name,
+                         "us": round(t * 1e6, 1), "TB/s": round(kv_bytes / t / 1e12, 2)})
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
+    parser.add_argument("--repeats", type=int, default=20, help="bulk-map repeats")
+    parser.add_argument("--decode-layers", type=int, default=8,
+                        help="layers in the decode cache (rotated for a cold L2)")
+    parser.add_argument("--skip-decode", action="store_true", help="no attention timings")
+    parser.add_argument("--json", default=None, help="write results here")
+
+
+def run(args: argparse.Namespace, device: str) -> int:
+    from vattn.config import resolve_device
+
+    dev = resolve_device(device)
+    vm = open_backend(dev)
+    header = common.environment(vm.describe())
+    vm.close()
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    layouts = ["per_layer", "token_major"]
+    results: dict[str, Any] = {"environment": header}
+    results["bulk_map"] = [bulk_map(device, lay, 4096, args.repeats) for lay in layouts]
+    results["noop_step"] = [noop_step(device, lay, 2000) for lay in layouts]
+    results["fragmentation"] = [row for lay in layouts for row in fragmentation(
+        device, lay, [1000, 1024, 2048, 4096, 5000, 8192, 16384, 32768])]
+    if dev.type == "cuda" and not args.skip_decode:
+        results["decode"] = [row for lay in layouts for batch in (8, 32) for row in decode(
+            device, lay, batch, 16384, args.decode_layers, 50)]
+    for name, rows in results.items():
+        if name != "environment":
+            print(f"\n### {name}\n\n{common.markdown_table(rows)}")
+    if args.json:
+        common.write_json(args.json, results)
+    return 0

@@ -1,0 +1,89 @@
+"""The `vattn` command: ``vattn info`` and ``vattn bench ...``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+
+from vattn.bench import core
+from vattn.config import resolve_device
+from vattn.driver import open_backend
+from vattn.errors import VattnError
+from vattn.views import byte_view
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def info(device: str, page_size_bytes: int) -> int:
+    """Print the backend found and run a one-page map/write/read/unmap round trip."""
+    dev = resolve_device(device)
+    vm = open_backend(dev)
+    try:
+        free, total = vm.memory_info()
+        for key, value in vm.describe().items():
+            print(f"{key:<12} {value}")
+        print(f"{'granularity':<12} {vm.granularity} bytes")
+        print(f"{'memory':<12} {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+        page = max(page_size_bytes, vm.granularity)
+        timings = {}
+        t0 = time.perf_counter()
+        address = vm.reserve(page, page)
+        handle = vm.create(page)
+        t1 = time.perf_counter()
+        vm.map(address, page, handle)
+        vm.set_access(address, page)
+        t2 = time.perf_counter()
+        data = torch.randint(-(2**31), 2**31 - 1, (page // 4,), dtype=torch.int32)
+        view = byte_view(address, page, dev).view(torch.int32)
+        view.copy_(data)
+        ok = bool(torch.equal(view.cpu(), data))
+        del view
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t3 = time.perf_counter()
+        vm.unmap(address, page)
+        vm.release(handle)
+        vm.free(address, page)
+        t4 = time.perf_counter()
+        timings = {"reserve+create": t1 - t0, "map+access": t2 - t1, "unmap+release": t4 - t3}
+        detail = ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in timings.items())
+        print(f"{'self-check':<12} {'ok' if ok else 'FAILED'}: one {page >> 20} MiB page "
+              f"mapped, written, read back, unmapped ({detail})")
+        return 0 if ok else 1
+    finally:
+        vm.close()
+
+
+def _mib(text: str) -> int:
+    return int(float(text) * (1 << 20))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vattn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_info = commands.add_parser("info", help="backend, granularity, memory, self-check")
+    p_info.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if "
+                        "present, else cpu)")
+    p_info.add_argument("--page-mib", type=_mib, default=2 << 20, dest="page_size_bytes",
+                        help="page size for the self-check, MiB (default 2)")
+    p_bench = commands.add_parser("bench", help="benchmarks")
+    benches = p_bench.add_subparsers(dest="bench", required=True)
+    core.add_arguments(benches.add_parser("core", help=core.__doc__.splitlines()[0]))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device or _default_device()
+    try:
+        if args.command == "info":
+            return info(device, args.page_size_bytes)
+        return core.run(args, device)
+    except VattnError as exc:
+        print(f"vattn: error: {exc}")
+        return 1
