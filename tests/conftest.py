@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vattn
 from vattn.cache import VirtualKVCache
 
 PAGE = 1 << 20

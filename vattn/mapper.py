@@ -8,8 +8,8 @@ part way unmaps what the run had mapped, so the caller sees all or nothing.
 
 from __future__ import annotations
 
-import time
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 

@@ -58,12 +58,10 @@ def kv_views(base: torch.Tensor, layout: Layout,
     for index in range(layout.num_tensors):
         start = layout.tensor_offset(index)
         flat = base[start:start + layout.tensor_bytes].view(dtype)
-        if layout.kind == "per_layer":
-            shape = (layout.max_batch_size, layout.max_context_len, layout.num_kv_heads,
-                     layout.head_dim)
-        else:
-            shape = (layout.max_batch_size, layout.max_context_len, layout.num_layers,
-                     layout.num_kv_heads, layout.head_dim)
+        shape: tuple[int, ...] = (layout.max_batch_size, layout.max_context_len,
+                                  layout.num_kv_heads, layout.head_dim)
+        if layout.kind == "token_major":
+            shape = shape[:2] + (layout.num_layers,) + shape[2:]
         tensors.append(flat.view(shape))
     if layout.kind == "per_layer":
         return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(layout.num_layers)]

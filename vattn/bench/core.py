@@ -118,9 +118,10 @@ def decode(device: str, layout: str, batch: int, context: int, num_layers: int,
         kv_bytes = 2 * batch * context * hkv * d * 2
         for name, fn in (("sdpa", sdpa), ("torch-fa2", fa2)):
             calls = [lambda layer=layer, fn=fn: fn(layer) for layer in range(num_layers)]
-            t = common.median(common.cuda_times(calls, repeats))
+            seconds = common.median(common.cuda_times(calls, repeats))
             rows.append({"layout": layout, "batch": batch, "context": context, "kernel": name,
-                         "us": round(t * 1e6, 1), "TB/s": round(kv_bytes / t / 1e12, 2)})
+                         "us": round(seconds * 1e6, 1),
+                         "TB/s": round(kv_bytes / seconds / 1e12, 2)})
     return rows
 
 
