@@ -48,6 +48,9 @@ class MapPlan:
         return not self.grow and not self.reclaim
 
 
+_NOTHING_TO_DO = MapPlan()
+
+
 @dataclass(slots=True)
 class SlotState:
     """One slot's policy state."""
@@ -128,11 +131,12 @@ class SlotAllocator:
         shrink here. Raises `OutOfPages(needed, available + reclaimable)` when even
         reclaiming every idle slot is not enough; nothing is changed either way.
         """
-        grow = tuple(
-            PageRun(slot, self.slots[slot].num_pages, need - self.slots[slot].num_pages)
-            for slot, need in sorted(targets.items())
-            if need > self.slots[slot].num_pages
-        )
+        slots = self.slots
+        short = [slot for slot, need in targets.items() if need > slots[slot].num_pages]
+        if not short:
+            return _NOTHING_TO_DO
+        grow = tuple(PageRun(slot, slots[slot].num_pages, targets[slot] - slots[slot].num_pages)
+                     for slot in sorted(short))
         needed = sum(run.num_pages for run in grow) * self.num_tensors
         if needed <= available:
             return MapPlan(grow=grow)

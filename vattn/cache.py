@@ -164,9 +164,9 @@ class VirtualKVCache:
         """
         with self._lock:
             self._check_usable()
-            need = {self._check_active(slot): self._pages_for(tokens)
-                    for slot, tokens in self._check_mapping(targets).items()}
-            self._res.reap(block=False)
+            need = self._needed_pages(targets)
+            if self._res.pending:
+                self._res.reap(block=False)
             plan = self._plan(need)
             if not plan.empty:
                 self._execute(plan)
@@ -323,11 +323,23 @@ class VirtualKVCache:
                                   f" (max_context_len), got {num_tokens!r}")
         return self.layout.pages_for_tokens(num_tokens, self.config.read_slack)
 
-    def _check_mapping(self, targets: Mapping[int, int]) -> Mapping[int, int]:
+    def _needed_pages(self, targets: Mapping[int, int]) -> dict[int, int]:
+        """Validated `step` targets as slot -> pages per tensor (the hot path: a decode
+        step calls it with every active slot, so the arithmetic is inlined)."""
         if not isinstance(targets, Mapping):
             raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
                                   f"got {type(targets).__name__}")
-        return targets
+        slots, lmax = self._policy.slots, self.max_context_len
+        slack, token_bytes = self.config.read_slack, self.layout.token_bytes
+        page_bytes = self.layout.page_size_bytes
+        need = {}
+        for slot, tokens in targets.items():
+            if type(slot) is not int or not 0 <= slot < len(slots) or not slots[slot].active:
+                self._check_active(slot)
+            if type(tokens) is not int or not 0 <= tokens <= lmax:
+                self._pages_for(tokens)
+            need[slot] = -(-min(tokens + slack, lmax) * token_bytes // page_bytes)
+        return need
 
     def _check_slot(self, slot: int) -> int:
         if not isinstance(slot, int) or isinstance(slot, bool) or not (
