@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -28,6 +29,9 @@ def _version(package: str) -> str:
 
 
 def _commit() -> str:
+    """The git commit of the code under test (VATTN_COMMIT where the tree has no .git)."""
+    if os.environ.get("VATTN_COMMIT"):
+        return os.environ["VATTN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5, cwd=Path(vattn.__file__).parent)
