@@ -280,3 +280,46 @@ def test_public_names() -> None:
     for name in ("VirtualKVCache", "VattnError", "OutOfPages", "OutOfSlots",
                  "InvalidArgument", "DriverError", "CacheStats"):
         assert hasattr(vattn, name)
+
+
+def test_several_threads_share_one_cache() -> None:
+    import threading
+
+    with small_cache(max_batch_size=8, memory_limit=40 * PAGE) as cache:
+        errors: list[BaseException] = []
+
+        def worker(seed: int) -> None:
+            gen = torch.Generator().manual_seed(seed)
+            try:
+                for _ in range(40):
+                    try:
+                        slot = cache.allocate()
+                    except vattn.OutOfSlots:
+                        continue
+                    n = int(torch.randint(1, 5000, (), generator=gen))
+                    try:
+                        cache.step({slot: n})
+                    except vattn.OutOfPages:
+                        cache.free(slot)
+                        continue
+                    k, _ = cache.kv(seed % 2)
+                    data = torch.randn(n, 2, 64, generator=gen)
+                    k[slot, :n] = data
+                    assert torch.equal(k[slot, :n], data)
+                    cache.free(slot)
+            except BaseException as exc:  # surfaced in the main thread below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        check_invariants(cache)
+        assert cache.stats().active_slots == 0
+
+
+def test_streams_on_a_host_cache_are_invalid() -> None:
+    with pytest.raises(vattn.InvalidArgument, match="streams"):
+        small_cache(streams=[object()])

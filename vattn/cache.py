@@ -93,7 +93,7 @@ class VirtualKVCache:
         self.layout = self.config.make_layout()
         self.max_context_len = self.layout.max_context_len
         self.device = self.config.device
-        self._streams = list(streams or [])
+        self._streams = self._check_streams(streams)
         vm = driver.open_backend(self.device)
         try:
             if page_size_bytes % vm.granularity:
@@ -109,9 +109,13 @@ class VirtualKVCache:
         self._policy = SlotAllocator(max_batch_size, self.layout.pages_per_slot,
                                      self.layout.num_tensors)
         self._free_fences: list[Fence] = [CompletedFence()] * max_batch_size
-        self._bytes = byte_view(self._res.base_address, self.layout.reservation_bytes,
-                                self.device)
-        self._views = kv_views(self._bytes, self.layout, dtype)
+        try:
+            self._bytes = byte_view(self._res.base_address, self.layout.reservation_bytes,
+                                    self.device)
+            self._views = kv_views(self._bytes, self.layout, dtype)
+        except BaseException:
+            self._finalize()
+            raise
         self._lock = threading.RLock()
         self._forked = False
         _LIVE.add(self)
@@ -340,6 +344,15 @@ class VirtualKVCache:
                 self._pages_for(tokens)
             need[slot] = -(-min(tokens + slack, lmax) * token_bytes // page_bytes)
         return need
+
+    def _check_streams(self, streams: list[torch.cuda.Stream] | None) -> list[torch.cuda.Stream]:
+        streams = list(streams or [])
+        for stream in streams:
+            if (self.device.type != "cuda" or not isinstance(stream, torch.cuda.Stream)
+                    or stream.device != self.device):
+                raise InvalidArgument(f"streams must be torch.cuda.Stream objects on "
+                                      f"{self.device}, got {stream!r}")
+        return streams
 
     def _check_slot(self, slot: int) -> int:
         if not isinstance(slot, int) or isinstance(slot, bool) or not (
