@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 
@@ -85,5 +86,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return info(device, args.page_size_bytes)
         return core.run(args, device)
     except VattnError as exc:
-        print(f"vattn: error: {exc}")
+        print(f"vattn: error: {exc}", file=sys.stderr)
         return 1
