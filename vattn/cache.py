@@ -247,17 +247,21 @@ class VirtualKVCache:
     def close(self) -> None:
         """Unmap and release everything, give back the reservation. Idempotent.
 
-        Waits for the device to finish first. The views dangle afterwards.
+        Waits for the device to finish first. The views dangle afterwards. If a driver
+        call fails, `DriverError` is raised with what could not be undone kept, and
+        calling `close()` again finishes the work.
         """
         with self._lock:
+            if self._forked:
+                return
+            self._res.teardown()
+            self._finalize.detach()
             _LIVE.discard(self)
-            if not self._forked:
-                self._finalize()
 
     @property
     def closed(self) -> bool:
-        """True after `close()`."""
-        return not self._finalize.alive
+        """True once `close()` has released everything."""
+        return self._res.closed
 
     def __enter__(self) -> VirtualKVCache:
         return self
@@ -371,8 +375,9 @@ class VirtualKVCache:
         if self._forked:
             raise VattnError("this VirtualKVCache belongs to the parent process; a forked "
                              "child cannot use it (create a new cache in the child)")
-        if self.closed:
-            raise VattnError("this VirtualKVCache is closed")
+        if self._res.leftover is not None:
+            unfinished = "" if self._res.closed else " (teardown unfinished: call close() again)"
+            raise VattnError(f"this VirtualKVCache is closed{unfinished}")
 
 
 def _after_fork_in_child() -> None:

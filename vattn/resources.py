@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from vattn.allocator import PageRun
 from vattn.driver.base import VirtualMemory
-from vattn.errors import DriverError, OutOfPages
+from vattn.errors import OutOfPages, VattnError
 from vattn.layout import Layout
 from vattn.mapper import Fence, Mapper
 from vattn.pages import PagePool
@@ -46,20 +46,31 @@ class Resources:
         page = layout.page_size_bytes
         self.base_address = vm.reserve(layout.reservation_bytes, page)
         try:
-            self.anchor = vm.create(page)
+            anchor = vm.create(page)
             try:
-                vm.map(self.base_address, page, self.anchor)
-                vm.set_access(self.base_address, page)
+                vm.map(self.base_address, page, anchor)
+                try:
+                    vm.set_access(self.base_address, page)
+                except BaseException:
+                    vm.unmap(self.base_address, page)
+                    raise
             except BaseException:
-                vm.release(self.anchor)
+                vm.release(anchor)
                 raise
         except BaseException:
             vm.free(self.base_address, layout.reservation_bytes)
             raise
+        self.anchor: int | None = anchor
+        """The page kept mapped at the base (None once released)."""
         self.mapper = Mapper(vm, layout, self.base_address)
         self.pool = PagePool(lambda: vm.create(page), vm.release, max(0, limit_pages))
         self.rows: list[list[Row]] = [[] for _ in range(layout.max_batch_size)]
         self.pending: list[Pending] = []
+        self.leftover: list[tuple[int, int]] | None = None
+        """Set once teardown starts: (address, handle) of pages it has still to unmap."""
+        self.anchor_mapped = True
+        self.reserved = True
+        self.closed = False
 
     @property
     def num_pending(self) -> int:
@@ -103,7 +114,6 @@ class Resources:
         for entry in list(self.pending):
             if entry.fence.done() or (block and entry.fence.wait(timeout_s)):
                 released += self._retire(entry)
-                self.pending.remove(entry)
         return released
 
     def wait_pending(self, slots: set[int], timeout_s: float) -> None:
@@ -117,7 +127,10 @@ class Resources:
         self.reap(block=False)
 
     def _retire(self, entry: Pending) -> int:
+        """Unmap a pending entry (it stays pending if that fails) and pool or release its
+        pages (a failed release leaves the rest in the pool)."""
         self.mapper.unmap_run(entry.run.slot, entry.run.first_page, entry.rows)
+        self.pending.remove(entry)
         handles = [h for row in entry.rows for h in row]
         if not entry.release:
             self.pool.put(handles)
@@ -126,38 +139,66 @@ class Resources:
         return len(handles)
 
     def teardown(self) -> None:
-        """Unmap and release everything and free the reservation (the finalizer; runs
-        once). Best effort: it goes on past a failed call and raises the first failure
-        at the end; a context already gone at interpreter exit is not a failure."""
-        if os.getpid() != self.pid:
-            return
-        vm, page = self.vm, self.layout.page_size_bytes
-        errors: list[DriverError] = []
+        """Unmap and release everything, free the reservation, close the backend.
 
-        def attempt(call: Callable[..., object], *args: int) -> None:
+        Runs from `close()` and from the finalizer. It goes on past a failed call and
+        raises the first failure at the end, keeping what it could not undo (a page
+        that failed to unmap is not released, a reservation with a page still mapped is
+        not freed), so a later call finishes the work. A CUDA context already gone at
+        interpreter exit is not a failure: everything went with it.
+        """
+        if self.closed or os.getpid() != self.pid:
+            return
+        if self.leftover is None:
+            self.leftover = self._everything_mapped()
+            self.rows = [[] for _ in self.rows]
+            self.pending = []
+        vm, page = self.vm, self.layout.page_size_bytes
+        errors: list[VattnError] = []
+
+        def attempt(call: Callable[..., object], *args: int) -> bool:
             try:
                 call(*args)
-            except DriverError as exc:
+                return True
+            except VattnError as exc:
                 errors.append(exc)
+                return False
 
         attempt(vm.synchronize)
-        mapped = [(slot, 0, rows) for slot, rows in enumerate(self.rows) if rows]
-        mapped += [(p.run.slot, p.run.first_page, p.rows) for p in self.pending]
-        for slot, first_page, rows in mapped:
-            for tensor in range(self.layout.num_tensors):
-                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-                for j, row in enumerate(rows):
-                    attempt(vm.unmap, start + j * page, page)
-                    attempt(vm.release, row[tensor])
-        attempt(self.pool.release_all)
-        attempt(vm.unmap, self.base_address, page)
-        attempt(vm.release, self.anchor)
-        attempt(vm.free, self.base_address, self.layout.reservation_bytes)
-        attempt(vm.close)
-        self.rows = [[] for _ in self.rows]
-        self.pending = []
-        real = [e for e in errors if e.code_name != "CUDA_ERROR_DEINITIALIZED"]
-        if len(real) < len(errors):
+        remaining = []
+        for address, handle in self.leftover:
+            if not attempt(vm.unmap, address, page):
+                remaining.append((address, handle))
+            elif handle == self.anchor:
+                self.anchor_mapped = False
+            else:
+                self.pool.put([handle])
+        self.leftover = remaining
+        attempt(self.pool.release_all)   # keeps what it failed to release
+        if not self.anchor_mapped and self.anchor is not None and attempt(
+                vm.release, self.anchor):
+            self.anchor = None
+        if self.reserved and not remaining:
+            self.reserved = not attempt(vm.free, self.base_address,
+                                        self.layout.reservation_bytes)
+        if not self.reserved and self.anchor is None and self.pool.num_created == 0:
+            self.closed = attempt(vm.close)
+        real = [e for e in errors
+                if getattr(e, "code_name", "") != "CUDA_ERROR_DEINITIALIZED"]
+        if errors and not real:
             logger.debug("CUDA context already gone at teardown; nothing left to release")
+            self.closed = True
         if real:
             raise real[0]
+
+    def _everything_mapped(self) -> list[tuple[int, int]]:
+        """(address, handle) of every mapped page: slots, pending, the anchor."""
+        runs = [(slot, 0, rows) for slot, rows in enumerate(self.rows) if rows]
+        runs += [(p.run.slot, p.run.first_page, p.rows) for p in self.pending]
+        page, pages = self.layout.page_size_bytes, []
+        for slot, first_page, rows in runs:
+            for tensor in range(self.layout.num_tensors):
+                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                pages += [(start + j * page, row[tensor]) for j, row in enumerate(rows)]
+        assert self.anchor is not None
+        return [*pages, (self.base_address, self.anchor)]

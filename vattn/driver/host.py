@@ -108,6 +108,8 @@ class HostVirtualMemory:
         return offset
 
     def release(self, handle: int) -> None:
+        if handle not in self._sizes:
+            raise DriverError("fallocate(PUNCH_HOLE)", "EINVAL", f"no page {handle}")
         size = self._sizes.pop(handle)
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         if self._libc.fallocate(self._fd, mode, handle, size) != 0:
