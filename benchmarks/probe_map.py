@@ -39,6 +39,14 @@ def main() -> None:
                 if not per_page_access:
                     vm.set_access(start, N_PAGES * PAGE)
 
+    def map_slot_major() -> None:
+        for s in range(N_SLOTS):
+            for t in range(N_TENSORS):
+                start = addr(t, s, 0)
+                for p in range(N_PAGES):
+                    vm.map(start + p * PAGE, PAGE, handles[(t * N_SLOTS + s) * N_PAGES + p])
+                vm.set_access(start, N_PAGES * PAGE)
+
     def unmap_all() -> float:
         t0 = time.perf_counter()
         for t in range(N_TENSORS):
@@ -76,6 +84,7 @@ def main() -> None:
     rows = []
     for name, fn in [("map + access per run of 4", lambda: map_tensors(range(N_TENSORS), False)),
                      ("map + access per page", lambda: map_tensors(range(N_TENSORS), True)),
+                     ("slot-major order", map_slot_major),
                      ("2 threads", lambda: threaded(2)),
                      ("4 threads", lambda: threaded(4)),
                      ("8 threads", lambda: threaded(8))]:

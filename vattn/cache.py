@@ -109,6 +109,7 @@ class VirtualKVCache:
         self._policy = SlotAllocator(max_batch_size, self.layout.pages_per_slot,
                                      self.layout.num_tensors)
         self._free_fences: list[Fence] = [CompletedFence()] * max_batch_size
+        self._refresh_fits()
         try:
             self._bytes = byte_view(self._res.base_address, self.layout.reservation_bytes,
                                     self.device)
@@ -171,9 +172,13 @@ class VirtualKVCache:
             need = self._needed_pages(targets)
             if self._res.pending:
                 self._res.reap(block=False)
+            if not need:
+                return
             plan = self._plan(need)
-            if not plan.empty:
+            try:
                 self._execute(plan)
+            finally:
+                self._refresh_fits()
 
     def trim(self, release: bool = True) -> int:
         """Unmap every idle slot's pages; returns the pages released to the device now.
@@ -190,6 +195,7 @@ class VirtualKVCache:
                 self._res.pending.append(
                     Pending(self._free_fences[run.slot], run, rows, release))
             self._policy.apply(plan)
+            self._refresh_fits()
             released = self._res.reap(block=False)
             return released + (self._res.pool.trim(0) if release else 0)
 
@@ -303,7 +309,7 @@ class VirtualKVCache:
         self._res.wait_pending(grow_slots, timeout)
         for run in plan.reclaim:
             rows = self._res.rows[run.slot][run.first_page:]
-            self._res.mapper.unmap_run(run.slot, run.first_page, rows)
+            self._res.mapper.unmap_runs([(run.slot, run.first_page, rows)])
             self._res.pool.put([h for row in self._res.take_rows(run) for h in row])
             self._policy.apply(MapPlan(reclaim=(run,)))
         self._res.map_runs(plan.grow)
@@ -332,22 +338,31 @@ class VirtualKVCache:
         return self.layout.pages_for_tokens(num_tokens, self.config.read_slack)
 
     def _needed_pages(self, targets: Mapping[int, int]) -> dict[int, int]:
-        """Validated `step` targets as slot -> pages per tensor (the hot path: a decode
-        step calls it with every active slot, so the arithmetic is inlined)."""
+        """Validated `step` targets that need pages, as slot -> pages per tensor.
+
+        The hot path: a decode step names every active slot and almost none needs a
+        page, so each target is one comparison against the tokens its slot's pages
+        already cover (`_fits`); only the others go through the page arithmetic.
+        """
         if not isinstance(targets, Mapping):
             raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
                                   f"got {type(targets).__name__}")
-        slots, lmax = self._policy.slots, self.max_context_len
-        slack, token_bytes = self.config.read_slack, self.layout.token_bytes
-        page_bytes = self.layout.page_size_bytes
+        slots, fits, num_slots = self._policy.slots, self._fits, len(self._fits)
         need = {}
         for slot, tokens in targets.items():
-            if type(slot) is not int or not 0 <= slot < len(slots) or not slots[slot].active:
+            if type(slot) is not int or not 0 <= slot < num_slots or not slots[slot].active:
                 self._check_active(slot)
-            if type(tokens) is not int or not 0 <= tokens <= lmax:
-                self._pages_for(tokens)
-            need[slot] = -(-min(tokens + slack, lmax) * token_bytes // page_bytes)
+            if type(tokens) is not int or not 0 <= tokens <= fits[slot]:
+                need[slot] = self._pages_for(tokens)
         return need
+
+    def _refresh_fits(self) -> None:
+        """Recompute, per slot, the largest target its mapped pages cover (after any change
+        to a slot's pages)."""
+        lay, slack = self.layout, self.config.read_slack
+        self._fits = [lay.max_context_len if s.num_pages == lay.pages_per_slot
+                      else lay.tokens_for_pages(s.num_pages) - slack
+                      for s in self._policy.slots]
 
     def _check_streams(self, streams: list[torch.cuda.Stream] | None) -> list[torch.cuda.Stream]:
         streams = list(streams or [])

@@ -3,7 +3,7 @@ that keep an unmap behind every kernel that may still read the page.
 
 A run of `n` pages of one slot is mapped in each tensor with `n` map calls and one
 set-access call over the whole run (the run is contiguous in that tensor). A failure
-part way unmaps what the run had mapped, so the caller sees all or nothing.
+part way undoes what the call had done, so the caller sees all or nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from vattn.errors import DriverError
 from vattn.layout import Layout
 
 logger = logging.getLogger(__name__)
+
+Run = tuple[int, int, Sequence[Sequence[int]]]
+"""(slot, first_page, rows): rows[j] holds one handle per tensor for page first_page + j."""
 
 
 class Fence(Protocol):
@@ -77,37 +80,40 @@ class Mapper:
         self.layout = layout
         self.base_address = base_address
 
-    def map_run(self, slot: int, first_page: int, rows: Sequence[Sequence[int]]) -> None:
-        """Map ``rows[j][t]`` at page ``first_page + j`` of `slot` in tensor `t`.
+    def map_runs(self, runs: Sequence[Run]) -> None:
+        """Map ``rows[j][t]`` at page ``first_page + j`` of `slot` in tensor `t`, for each
+        ``(slot, first_page, rows)`` run; each row holds one handle per tensor.
 
-        Each row holds one handle per tensor. All or nothing: on a failure every page
-        this call mapped is unmapped again before the error propagates.
+        Tensor by tensor, so addresses ascend (the driver maps faster in that order).
+        All or nothing: on a failure every page this call mapped is unmapped again.
         """
         page = self.layout.page_size_bytes
         done: list[int] = []  # addresses mapped so far
         try:
             for tensor in range(self.layout.num_tensors):
-                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-                for j, row in enumerate(rows):
-                    self.vm.map(start + j * page, page, row[tensor])
-                    done.append(start + j * page)
-                self.vm.set_access(start, len(rows) * page)
+                for slot, first_page, rows in runs:
+                    start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                    for j, row in enumerate(rows):
+                        self.vm.map(start + j * page, page, row[tensor])
+                        done.append(start + j * page)
+                    self.vm.set_access(start, len(rows) * page)
         except BaseException:
             for address in done:
                 _quietly(self.vm.unmap, address, page)
             raise
 
-    def unmap_run(self, slot: int, first_page: int, rows: Sequence[Sequence[int]]) -> None:
-        """Unmap the pages `map_run(slot, first_page, rows)` mapped; all or nothing: on a
-        failure the pages this call unmapped are mapped back."""
+    def unmap_runs(self, runs: Sequence[Run]) -> None:
+        """Unmap what `map_runs(runs)` mapped; all or nothing: on a failure the pages this
+        call unmapped are mapped back."""
         page = self.layout.page_size_bytes
         done: list[tuple[int, int]] = []  # (address, handle) unmapped so far
         try:
             for tensor in range(self.layout.num_tensors):
-                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-                for j, row in enumerate(rows):
-                    self.vm.unmap(start + j * page, page)
-                    done.append((start + j * page, row[tensor]))
+                for slot, first_page, rows in runs:
+                    start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                    for j, row in enumerate(rows):
+                        self.vm.unmap(start + j * page, page)
+                        done.append((start + j * page, row[tensor]))
         except BaseException:
             for address, handle in done:
                 _quietly(self.vm.map, address, page, handle)

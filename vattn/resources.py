@@ -87,25 +87,23 @@ class Resources:
 
     def map_runs(self, runs: Iterable[PageRun]) -> None:
         """Take handles from the pool and map every run; all or nothing."""
-        runs, mapper = list(runs), self.mapper
         tensors = self.layout.num_tensors
+        planned = []
+        runs = list(runs)
         handles = self.pool.take(sum(run.num_pages for run in runs) * tensors)
-        done: list[tuple[PageRun, list[Row]]] = []
+        position = 0
+        for run in runs:
+            planned.append((run.slot, run.first_page,
+                            [handles[position + j * tensors:position + (j + 1) * tensors]
+                             for j in range(run.num_pages)]))
+            position += run.num_pages * tensors
         try:
-            position = 0
-            for run in runs:
-                rows = [handles[position + j * tensors:position + (j + 1) * tensors]
-                        for j in range(run.num_pages)]
-                mapper.map_run(run.slot, run.first_page, rows)
-                position += run.num_pages * tensors
-                done.append((run, rows))
+            self.mapper.map_runs(planned)
         except BaseException:
-            for run, rows in done:
-                mapper.unmap_run(run.slot, run.first_page, rows)
             self.pool.put(handles)
             raise
-        for run, rows in done:
-            self.rows[run.slot].extend(rows)
+        for slot, _, rows in planned:
+            self.rows[slot].extend(rows)
 
     def reap(self, block: bool, timeout_s: float = 0.0) -> int:
         """Unmap pending pages whose fence completed (waiting up to `timeout_s` each when
@@ -129,7 +127,7 @@ class Resources:
     def _retire(self, entry: Pending) -> int:
         """Unmap a pending entry (it stays pending if that fails) and pool or release its
         pages (a failed release leaves the rest in the pool)."""
-        self.mapper.unmap_run(entry.run.slot, entry.run.first_page, entry.rows)
+        self.mapper.unmap_runs([(entry.run.slot, entry.run.first_page, entry.rows)])
         self.pending.remove(entry)
         handles = [h for row in entry.rows for h in row]
         if not entry.release:
