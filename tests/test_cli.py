@@ -31,3 +31,25 @@ def test_kernels_are_importable_as_vattn_kernels() -> None:
     import vattn.kernels
 
     assert vattn.kernels.__name__ == "vattn.kernels"
+
+
+def test_quickstart_example_runs() -> None:
+    import pathlib
+
+    script = pathlib.Path(__file__).parent.parent / "examples" / "quickstart.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "holds 3264 tokens" in out.stdout  # 3000 + 256 slack, in 32-token pages
+
+
+def test_default_layout_is_token_major() -> None:
+    import torch
+
+    import vattn
+
+    with vattn.VirtualKVCache(num_layers=2, num_kv_heads=1, head_dim=64, dtype=torch.float16,
+                              max_batch_size=1, max_context_len=64, device="cpu",
+                              memory_limit=8 << 20) as cache:
+        assert cache.config.layout == "token_major"
+        assert cache.kv(1)[0].stride(1) == 2 * 64

@@ -74,6 +74,9 @@ class VirtualKVCache:
         cache.free(slot)
         cache.close()
 
+    ``layout="token_major"`` (the default) keeps one K and one V tensor
+    ``[B, Lmax, num_layers, Hkv, D]`` and `kv` returns strided per-layer views;
+    ``"per_layer"`` keeps a contiguous K and V tensor per layer.
     ``max_context_len`` is rounded up so a slot is a whole number of pages; the
     attribute holds the padded value. The views cover the whole reservation, most of it
     unmapped: index them by slot and length only (DESIGN.md, Views); they dangle after
@@ -83,7 +86,7 @@ class VirtualKVCache:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  max_batch_size: int, max_context_len: int,
-                 device: str | torch.device = "cuda", *, layout: LayoutName = "per_layer",
+                 device: str | torch.device = "cuda", *, layout: LayoutName = "token_major",
                  page_size_bytes: int = 2 << 20, memory_limit: int | None = None,
                  read_slack: int = 256, debug_fill_nan: bool = False,
                  streams: list[torch.cuda.Stream] | None = None) -> None:

@@ -61,9 +61,11 @@ class CacheConfig:
     """Tokens one slot can hold (padded up to whole pages, see `VirtualKVCache`)."""
     device: torch.device
     """``cpu`` (host backend) or ``cuda:N``."""
-    layout: LayoutName = "per_layer"
-    """``per_layer`` (a K and a V tensor per layer) or ``token_major`` (one K and one V
-    tensor for all layers; 2 MiB pages then hold few tokens of every layer)."""
+    layout: LayoutName = "token_major"
+    """``token_major`` (default: one K and one V tensor for all layers, so a 2 MiB page
+    holds a few tokens of every layer and a request wastes at most a page a tensor) or
+    ``per_layer`` (vAttention's: a K and a V tensor per layer). docs/benchmarks.md has
+    the measurements behind the default."""
     page_size_bytes: int = DEFAULT_PAGE_SIZE
     """Physical page size, a multiple of the backend's granularity."""
     memory_limit: int | None = None
