@@ -234,6 +234,12 @@ def test_forked_child_is_refused() -> None:
     cache.close()
 
 
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """`code` in a fresh interpreter at the repository root."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+
+
 def test_child_cannot_touch_parent_pages() -> None:
     # MADV_DONTFORK: the pages are absent in a child, so a write faults there.
     code = (
@@ -247,8 +253,7 @@ def test_child_cannot_touch_parent_pages() -> None:
         "_, status = os.waitpid(pid, 0)\n"
         "print('signaled' if os.WIFSIGNALED(status) else 'exited')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    out = _run_python(code)
     assert out.stdout.strip() == "signaled", out.stderr
 
 
@@ -259,8 +264,7 @@ def test_interpreter_exit_releases_a_cache_never_closed() -> None:
         "c = small_cache(); s = c.allocate(); c.step({s: 3000})\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    out = _run_python(code)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert out.stderr == ""
 

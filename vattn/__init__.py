@@ -4,8 +4,9 @@ Public API: `VirtualKVCache` (with `CacheStats`), and the errors `VattnError`,
 `OutOfPages`, `OutOfSlots`, `InvalidArgument`, `DriverError`.
 """
 
-from vattn.cache import CacheStats, VirtualKVCache
+from vattn.cache import VirtualKVCache
 from vattn.errors import DriverError, InvalidArgument, OutOfPages, OutOfSlots, VattnError
+from vattn.stats import CacheStats
 
 __all__ = [
     "CacheStats",
