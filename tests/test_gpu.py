@@ -147,3 +147,45 @@ def test_out_of_pages_on_device_is_recoverable() -> None:
         cache.free(a)
         cache.step({b: 1000})
         check_invariants(cache)
+
+
+def test_step_from_another_thread() -> None:
+    import threading
+
+    with llama_cache() as cache:
+        slot = cache.allocate()
+        errors: list[BaseException] = []
+
+        def grow() -> None:
+            try:
+                cache.step({slot: 5000})   # the driver calls run on this thread
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=grow)
+        thread.start()
+        thread.join()
+        assert not errors, errors
+        k, _ = cache.kv(3)
+        data = torch.randn(5000, 8, 128, device="cuda", dtype=torch.bfloat16)
+        k[slot, :5000] = data
+        assert torch.equal(k[slot, :5000], data)
+
+
+def test_interpreter_exit_releases_a_cuda_cache_never_closed() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, vattn\n"
+        "c = vattn.VirtualKVCache(num_layers=4, num_kv_heads=8, head_dim=128,\n"
+        "    dtype=torch.bfloat16, max_batch_size=4, max_context_len=8192, device='cuda')\n"
+        "s = c.allocate(); c.step({s: 5000})\n"
+        "c.kv(0)[0][s, :5000] = 1.0\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert "Error" not in out.stderr, out.stderr
