@@ -29,7 +29,7 @@ def small_cache(layout: str = "per_layer", **overrides: object) -> VirtualKVCach
     args: dict[str, object] = dict(
         num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_batch_size=4,
         max_context_len=5000, device="cpu", layout=layout, page_size_bytes=PAGE,
-        memory_limit=64 * PAGE, read_slack=16, debug_fill_nan=True)
+        memory_limit=64 * PAGE, read_slack=16, lookahead_tokens=0, debug_fill_nan=True)
     args.update(overrides)
     return VirtualKVCache(**args)  # type: ignore[arg-type]
 

@@ -40,7 +40,7 @@ def test_quickstart_example_runs() -> None:
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "holds 3264 tokens" in out.stdout  # 3000 + 256 slack, in 32-token pages
+    assert "holds 3520 tokens" in out.stdout  # 3000 + 256 slack + 256 look-ahead
 
 
 def test_default_layout_is_token_major() -> None:

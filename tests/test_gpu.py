@@ -19,7 +19,7 @@ def llama_cache(layout: str = "per_layer", **overrides: object) -> vattn.Virtual
     args: dict[str, object] = dict(
         num_layers=4, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, max_batch_size=8,
         max_context_len=8192, device="cuda", layout=layout, debug_fill_nan=True,
-        memory_limit=512 * MiB)
+        memory_limit=512 * MiB, lookahead_tokens=0)
     args.update(overrides)
     return vattn.VirtualKVCache(**args)  # type: ignore[arg-type]
 

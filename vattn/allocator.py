@@ -124,25 +124,42 @@ class SlotAllocator:
         return sum(s.num_pages for b, s in enumerate(self.slots)
                    if not s.active and b != exclude) * self.num_tensors
 
-    def plan(self, targets: Mapping[int, int], available: int) -> MapPlan:
+    def plan(self, targets: Mapping[int, int], available: int,
+             ahead: Mapping[int, int] | None = None, ahead_budget: int = 0) -> MapPlan:
         """Pages to map so each slot in `targets` has at least that many pages per tensor.
 
-        `available` is how many physical pages the pool can hand out. Slots never
-        shrink here. Raises `OutOfPages(needed, available + reclaimable)` when even
-        reclaiming every idle slot is not enough; nothing is changed either way.
+        `available` is how many physical pages the pool can hand out. Look-ahead: slots
+        in `ahead` may also grow toward that many pages, spending at most `ahead_budget`
+        physical pages of the pool (never reclaimed ones), the slots with the least
+        headroom over their target first, so that many slots crossing a page boundary
+        together are mapped over several steps. Slots never shrink here. Raises
+        `OutOfPages(needed, available + reclaimable)` when even reclaiming every idle slot
+        cannot cover `targets`; nothing is changed either way.
         """
         slots = self.slots
-        short = [slot for slot, need in targets.items() if need > slots[slot].num_pages]
-        if not short:
-            return _NOTHING_TO_DO
-        grow = tuple(PageRun(slot, slots[slot].num_pages, targets[slot] - slots[slot].num_pages)
-                     for slot in sorted(short))
-        needed = sum(run.num_pages for run in grow) * self.num_tensors
-        if needed <= available:
-            return MapPlan(grow=grow)
-        if needed > available + self.reclaimable():
-            raise OutOfPages(needed, available + self.reclaimable())
-        return MapPlan(grow=grow, reclaim=self._reclaim_runs(needed - available))
+        need = {slot: pages for slot, pages in targets.items() if pages > slots[slot].num_pages}
+        needed = sum(need[slot] - slots[slot].num_pages for slot in need) * self.num_tensors
+        if needed > available:
+            if needed > available + self.reclaimable():
+                raise OutOfPages(needed, available + self.reclaimable())
+            return MapPlan(grow=self._runs(need), reclaim=self._reclaim_runs(needed - available))
+        if ahead:
+            budget = min(ahead_budget, available - needed) // self.num_tensors
+            for slot in sorted(ahead, key=lambda b: (self._headroom(b, targets), b)):
+                have = max(slots[slot].num_pages, need.get(slot, 0))
+                extra = min(ahead[slot] - have, budget)
+                if extra > 0:
+                    need[slot] = have + extra
+                    budget -= extra
+        return MapPlan(grow=self._runs(need)) if need else _NOTHING_TO_DO
+
+    def _headroom(self, slot: int, targets: Mapping[int, int]) -> int:
+        return self.slots[slot].num_pages - targets.get(slot, 0)
+
+    def _runs(self, need: Mapping[int, int]) -> tuple[PageRun, ...]:
+        slots = self.slots
+        return tuple(PageRun(slot, slots[slot].num_pages, need[slot] - slots[slot].num_pages)
+                     for slot in sorted(need))
 
     def trim_plan(self) -> MapPlan:
         """Every page of every idle slot, to give back to the pool."""

@@ -62,11 +62,13 @@ class VirtualKVCache:
                  max_batch_size: int, max_context_len: int,
                  device: str | torch.device = "cuda", *, layout: LayoutName = "token_major",
                  page_size_bytes: int = 2 << 20, memory_limit: int | None = None,
-                 read_slack: int = 256, debug_fill_nan: bool = False,
+                 read_slack: int = 256, lookahead_tokens: int = 256,
+                 lookahead_pages_per_step: int = 128, debug_fill_nan: bool = False,
                  streams: list[torch.cuda.Stream] | None = None) -> None:
         self.config = CacheConfig(num_layers, num_kv_heads, head_dim, dtype, max_batch_size,
                                   max_context_len, resolve_device(device), layout,
-                                  page_size_bytes, memory_limit, read_slack, debug_fill_nan)
+                                  page_size_bytes, memory_limit, read_slack, lookahead_tokens,
+                                  lookahead_pages_per_step, debug_fill_nan)
         self.layout = self.config.make_layout()
         self.max_context_len = self.layout.max_context_len
         self.device = self.config.device
@@ -86,6 +88,8 @@ class VirtualKVCache:
         self._policy = SlotAllocator(max_batch_size, self.layout.pages_per_slot,
                                      self.layout.num_tensors)
         self._free_fences: list[Fence] = [CompletedFence()] * max_batch_size
+        self._targets = [0] * max_batch_size
+        self._inflight: MapPlan | None = None
         self._refresh_fits()
         try:
             self._bytes = byte_view(self._res.base_address, self.layout.reservation_bytes,
@@ -104,6 +108,7 @@ class VirtualKVCache:
         """Whether `allocate(num_tokens)` then `step` to `num_tokens` would succeed now."""
         with self._lock:
             self._check_usable()
+            self._join()
             pages = self._pages_for(num_tokens)
             slot = self._policy.choose(pages)
             if slot is None:
@@ -139,23 +144,71 @@ class VirtualKVCache:
         """Map pages so that each slot in `targets` holds at least that many tokens.
 
         `targets` maps slot -> tokens the slot must hold once the next forward pass has
-        appended its tokens; `read_slack` more tokens are mapped behind them. Slots not
-        named keep what they have; no slot shrinks. Raises `OutOfPages` with nothing
-        changed when the pages cannot be had (after waiting up to `pending_timeout_s`
-        for fenced pages).
+        appended its tokens; `read_slack` more tokens are mapped behind them, and slots
+        within `lookahead_tokens` of their capacity grow ahead of need (a bounded number
+        of pages a step). Slots not named keep what they have; no slot shrinks. Joins
+        background work first. Raises `OutOfPages` with nothing changed when the pages
+        cannot be had (after waiting up to `pending_timeout_s` for fenced pages).
         """
         with self._lock:
             self._check_usable()
-            need = self._needed_pages(targets)
-            if self._res.pending:
-                self._res.reap(block=False)
-            if not need:
+            self._join()
+            plan = self._plan_step(targets)
+            if plan.empty:
                 return
-            plan = self._plan(need)
             try:
                 self._execute(plan)
-            finally:
-                self._refresh_fits()
+            except BaseException:
+                self._reconcile(plan)
+                raise
+
+    def step_async(self, targets: Mapping[int, int]) -> None:
+        """`step`, with the driver work on the cache's mapper thread.
+
+        Joins the previous background work (raising its error, if any), then plans and
+        reserves the pages here, so `OutOfPages` is raised by this call with nothing
+        changed, and returns while the mapper thread maps them (and unmaps pending
+        pages whose fences completed). The pages are mapped once the next `step`,
+        `step_async` or `wait` returns: call it with the targets of the forward pass
+        after the one about to run, and that forward's pages map while the GPU works.
+        """
+        with self._lock:
+            self._check_usable()
+            self._join()
+            plan = self._plan_step(targets)
+            if plan.empty and not self._res.pending:
+                return
+            self._inflight = plan
+            self._res.worker.submit(lambda: self._execute(plan))
+
+    def wait(self) -> None:
+        """Join the background work of the last `step_async`; raise its error, if any.
+        Afterwards every target of that call is mapped."""
+        with self._lock:
+            self._check_usable()
+            self._join()
+
+    def set_memory_limit(self, memory_limit: int) -> int:
+        """Change the cap on physical memory at run time; returns the bytes released.
+
+        Lowering it releases free pages, then idle slots' pages (once their fences
+        complete); active slots keep their data, and until enough is freed, growth
+        raises `OutOfPages`.
+        """
+        with self._lock:
+            self._check_usable()
+            page = self.layout.page_size_bytes
+            if (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)
+                    or memory_limit < page):
+                raise InvalidArgument(f"memory_limit must be an int >= the {page}-byte page, "
+                                      f"got {memory_limit!r}")
+            self._join()
+            pool, before = self._res.pool, self._res.pool.num_created
+            pool.set_limit(memory_limit // page - 1)
+            self._memory_limit = memory_limit
+            if pool.num_created > pool.limit_pages:
+                self._trim_idle(release=True)
+            return (before - pool.num_created) * page
 
     def trim(self, release: bool = True) -> int:
         """Unmap every idle slot's pages; returns the pages released to the device now.
@@ -166,14 +219,8 @@ class VirtualKVCache:
         """
         with self._lock:
             self._check_usable()
-            plan = self._policy.trim_plan()
-            for run in plan.reclaim:
-                rows = self._res.take_rows(run)
-                self._res.pending.append(
-                    Pending(self._free_fences[run.slot], run, rows, release))
-            self._policy.apply(plan)
-            self._refresh_fits()
-            released = self._res.reap(block=False)
+            self._join()
+            released = self._trim_idle(release)
             return released + (self._res.pool.trim(0) if release else 0)
 
     def grow_pool(self, num_bytes: int) -> int:
@@ -181,6 +228,7 @@ class VirtualKVCache:
         map; returns the bytes created."""
         with self._lock:
             self._check_usable()
+            self._join()
             if not isinstance(num_bytes, int) or isinstance(num_bytes, bool) or num_bytes < 0:
                 raise InvalidArgument(f"num_bytes must be an int >= 0, got {num_bytes!r}")
             page = self.layout.page_size_bytes
@@ -209,6 +257,7 @@ class VirtualKVCache:
         """Counts of slots and physical pages; see `CacheStats`."""
         with self._lock:
             self._check_usable()
+            self._join()
             tensors = self.layout.num_tensors
             slots = self._policy.slots
             mapped = sum(s.num_pages for s in slots) * tensors
@@ -261,18 +310,36 @@ class VirtualKVCache:
 
     # -- internals -------------------------------------------------------------------
 
-    def _plan(self, need: dict[int, int]) -> MapPlan:
+    def _plan_step(self, targets: Mapping[int, int]) -> MapPlan:
+        """Validate `targets`, plan them and record the plan in the policy (the driver
+        work follows; `_reconcile` undoes the record if it fails)."""
+        need, ahead = self._needed_pages(targets)
+        for slot, tokens in targets.items():
+            self._targets[slot] = tokens
+        if self._res.pending:
+            self._res.reap(block=False)
+        if not need:
+            return MapPlan()
+        plan = self._plan(need, ahead)
+        self._policy.apply(plan)
+        self._refresh_fits()
+        return plan
+
+    def _plan(self, need: dict[int, int], ahead: dict[int, int]) -> MapPlan:
         """Plan `need`; when short, wait for pending pages once and plan again."""
+        budget = self.config.lookahead_pages_per_step
         try:
-            return self._policy.plan(need, self._res.pool.num_available)
+            return self._policy.plan(need, self._res.pool.num_available, ahead, budget)
         except OutOfPages:
             if not self._res.pending:
                 raise
         self._res.reap(block=True, timeout_s=self.config.pending_timeout_s)
-        return self._policy.plan(need, self._res.pool.num_available)
+        return self._policy.plan(need, self._res.pool.num_available, ahead, budget)
 
     def _execute(self, plan: MapPlan) -> None:
-        """Unmap the reclaimed runs, then map the grown ones; all or nothing for the grow.
+        """The driver work of a recorded plan, on either thread: unmap the reclaimed runs
+        (after their fences), map the grown ones (all or nothing), unmap pending pages
+        whose fences completed.
 
         Reclaimed pages come from idle slots; whatever happens after, they sit in the
         pool, which changes no request's data.
@@ -282,18 +349,44 @@ class VirtualKVCache:
             if not self._free_fences[run.slot].wait(timeout):
                 raise OutOfPages(plan.num_pages(plan.grow, self.layout.num_tensors),
                                  self._res.pool.num_available)
-        grow_slots = {run.slot for run in plan.grow}
-        self._res.wait_pending(grow_slots, timeout)
+        self._res.wait_pending({run.slot for run in plan.grow}, timeout)
         for run in plan.reclaim:
             rows = self._res.rows[run.slot][run.first_page:]
             self._res.mapper.unmap_runs([(run.slot, run.first_page, rows)])
             self._res.pool.put([h for row in self._res.take_rows(run) for h in row])
-            self._policy.apply(MapPlan(reclaim=(run,)))
         self._res.map_runs(plan.grow)
-        self._policy.apply(MapPlan(grow=plan.grow))
         if self.config.debug_fill_nan:
             for run in plan.grow:
                 self._fill_nan(run)
+        self._res.reap(block=False)
+
+    def _join(self) -> None:
+        """Wait for the background work; on its failure, bring the policy back to what is
+        really mapped and raise."""
+        plan, self._inflight = self._inflight, None
+        try:
+            self._res.worker.join()
+        except BaseException:
+            if plan is not None:
+                self._reconcile(plan)
+            raise
+
+    def _reconcile(self, plan: MapPlan) -> None:
+        """After a failed execution: each slot of `plan` has the pages its rows hold."""
+        for run in (*plan.reclaim, *plan.grow):
+            self._policy.slots[run.slot].num_pages = len(self._res.rows[run.slot])
+        self._refresh_fits()
+
+    def _trim_idle(self, release: bool) -> int:
+        """Move every idle slot's pages to pending (behind the slot's free fence) and
+        unmap those whose fence completed; returns the pages released."""
+        plan = self._policy.trim_plan()
+        for run in plan.reclaim:
+            rows = self._res.take_rows(run)
+            self._res.pending.append(Pending(self._free_fences[run.slot], run, rows, release))
+        self._policy.apply(plan)
+        self._refresh_fits()
+        return self._res.reap(block=False)
 
     def _fill_nan(self, run: PageRun) -> None:
         page = self.layout.page_size_bytes
@@ -314,8 +407,10 @@ class VirtualKVCache:
                                   f" (max_context_len), got {num_tokens!r}")
         return self.layout.pages_for_tokens(num_tokens, self.config.read_slack)
 
-    def _needed_pages(self, targets: Mapping[int, int]) -> dict[int, int]:
-        """Validated `step` targets that need pages, as slot -> pages per tensor.
+    def _needed_pages(self, targets: Mapping[int, int]) -> tuple[dict[int, int],
+                                                                 dict[int, int]]:
+        """Validated `step` targets that need pages or look-ahead, as slot -> pages per
+        tensor: (needed now, wanted with the look-ahead).
 
         The hot path: a decode step names every active slot and almost none needs a
         page, so each target is one comparison against the tokens its slot's pages
@@ -325,20 +420,22 @@ class VirtualKVCache:
             raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
                                   f"got {type(targets).__name__}")
         slots, fits, num_slots = self._policy.slots, self._fits, len(self._fits)
-        need = {}
+        lookahead, lmax = self.config.lookahead_tokens, self.max_context_len
+        need, ahead = {}, {}
         for slot, tokens in targets.items():
             if type(slot) is not int or not 0 <= slot < num_slots or not slots[slot].active:
                 self._check_active(slot)
             if type(tokens) is not int or not 0 <= tokens <= fits[slot]:
                 need[slot] = self._pages_for(tokens)
-        return need
+                ahead[slot] = self._pages_for(min(tokens + lookahead, lmax))
+        return need, ahead
 
     def _refresh_fits(self) -> None:
         """Recompute, per slot, the largest target its mapped pages cover (after any change
         to a slot's pages)."""
-        lay, slack = self.layout, self.config.read_slack
+        lay, margin = self.layout, self.config.read_slack + self.config.lookahead_tokens
         self._fits = [lay.max_context_len if s.num_pages == lay.pages_per_slot
-                      else lay.tokens_for_pages(s.num_pages) - slack
+                      else lay.tokens_for_pages(s.num_pages) - margin
                       for s in self._policy.slots]
 
     def _check_streams(self, streams: list[torch.cuda.Stream] | None) -> list[torch.cuda.Stream]:

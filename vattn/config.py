@@ -72,6 +72,12 @@ class CacheConfig:
     """Bytes of physical memory the cache may create; default a fraction of free memory."""
     read_slack: int = DEFAULT_READ_SLACK
     """Tokens kept mapped past each slot's target, for kernels that read whole tiles."""
+    lookahead_tokens: int = 256
+    """Map a slot's next pages once its target comes within this many tokens of its
+    mapped capacity (less the read slack), ahead of need."""
+    lookahead_pages_per_step: int = 128
+    """Physical pages one step may map ahead of need, spreading the work of many slots
+    that cross a page boundary together over several steps."""
     debug_fill_nan: bool = False
     """Fill newly mapped pages with NaN, so a kernel reading past a length is caught."""
     pending_timeout_s: float = 5.0
@@ -82,6 +88,8 @@ class CacheConfig:
                      "max_context_len", "page_size_bytes"):
             _check_int(name, getattr(self, name), 1)
         _check_int("read_slack", self.read_slack, 0)
+        _check_int("lookahead_tokens", self.lookahead_tokens, 0)
+        _check_int("lookahead_pages_per_step", self.lookahead_pages_per_step, 0)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise InvalidArgument(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
         if self.layout not in LAYOUTS:

@@ -9,6 +9,8 @@ part way undoes what the call had done, so the caller sees all or nothing.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -127,3 +129,58 @@ def _quietly(call: Callable[..., None], *args: int) -> None:
         call(*args)
     except DriverError as exc:
         logger.error("undo after a driver failure failed too: %s", exc)
+
+
+class BackgroundWorker:
+    """One long-lived thread that runs one job at a time, so driver calls overlap the
+    GPU's work; `join` waits for the job and raises what it raised.
+
+    At most one job is in flight: callers `join` before they `submit`. The thread is a
+    daemon and holds no reference to the cache; `stop` joins it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a job runs."""
+        return not self._idle.is_set()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run `job` on the thread (started on first use)."""
+        assert not self.busy and self._error is None, "join() before submit()"
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put(job)
+
+    def join(self) -> None:
+        """Wait for the job in flight; raise its exception, once."""
+        self._idle.wait()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def stop(self) -> None:
+        """Finish the job in flight and end the thread (its error is dropped)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        self._error = None
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException as exc:  # handed to the caller at join()
+                self._error = exc
+            finally:
+                self._idle.set()

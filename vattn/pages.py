@@ -65,8 +65,12 @@ class PagePool:
         return taken + created
 
     def put(self, handles: list[int]) -> None:
-        """Return handles; the last one returned is the first one taken next."""
+        """Return handles; the last one returned is the first one taken next. Handles
+        beyond a lowered limit are released instead."""
         self._free.extend(handles)
+        excess = self.num_created - self.limit_pages
+        if excess > 0:
+            self.trim(keep_free=max(0, len(self._free) - excess))
 
     def grow(self, num_pages: int) -> int:
         """Create handles ahead of need, up to the limit; returns how many were created."""

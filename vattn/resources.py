@@ -13,7 +13,7 @@ from vattn.allocator import PageRun
 from vattn.driver.base import VirtualMemory
 from vattn.errors import OutOfPages, VattnError
 from vattn.layout import Layout
-from vattn.mapper import Fence, Mapper
+from vattn.mapper import BackgroundWorker, Fence, Mapper
 from vattn.pages import PagePool
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Resources:
         self.anchor: int | None = anchor
         """The page kept mapped at the base (None once released)."""
         self.mapper = Mapper(vm, layout, self.base_address)
+        self.worker = BackgroundWorker(f"vattn-mapper-{self.base_address:x}")
         self.pool = PagePool(lambda: vm.create(page), vm.release, max(0, limit_pages))
         self.rows: list[list[Row]] = [[] for _ in range(layout.max_batch_size)]
         self.pending: list[Pending] = []
@@ -147,6 +148,7 @@ class Resources:
         """
         if self.closed or os.getpid() != self.pid:
             return
+        self.worker.stop()
         if self.leftover is None:
             self.leftover = self._everything_mapped()
             self.rows = [[] for _ in self.rows]

@@ -23,7 +23,8 @@ def _cache(device: str, layout: str, num_layers: int, context: int, slots: int =
     return VirtualKVCache(num_layers=num_layers, num_kv_heads=LLAMA3_8B["num_kv_heads"],
                           head_dim=LLAMA3_8B["head_dim"], dtype=torch.bfloat16,
                           max_batch_size=slots, max_context_len=context, device=device,
-                          layout=layout, read_slack=read_slack)  # type: ignore[arg-type]
+                          layout=layout, read_slack=read_slack,  # type: ignore[arg-type]
+                          lookahead_tokens=0)
 
 
 def bulk_map(device: str, layout: str, tokens: int, repeats: int) -> dict[str, Any]:
