@@ -58,13 +58,15 @@ class Snapshot:
 
 class CacheMachine(RuleBasedStateMachine):
     layout_name: str = "per_layer"
+    lookahead_tokens: int = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.cache: VirtualKVCache = small_cache(
             self.layout_name, page_size_bytes=SMALL_PAGE, max_context_len=MAX_CONTEXT,
             max_batch_size=SLOTS, memory_limit=(LIMIT_PAGES + 1) * SMALL_PAGE,
-            read_slack=READ_SLACK)
+            read_slack=READ_SLACK, lookahead_tokens=self.lookahead_tokens,
+            lookahead_pages_per_step=4)
         self.base = self.cache._res.base_address
         self.size = self.cache.layout.reservation_bytes
         self.max_len = self.cache.max_context_len
@@ -168,16 +170,35 @@ class CacheMachine(RuleBasedStateMachine):
         self.write_pattern(slot, n)
 
     @precondition(lambda self: self.active)
-    @rule(data=st.data())
-    def step(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), background=st.booleans())
+    def step(self, data: st.DataObject, background: bool) -> None:
         targets = data.draw(st.dictionaries(st.sampled_from(sorted(self.active)), self.lengths,
                                             min_size=1, max_size=SLOTS), label="targets")
-        self.step_to(targets)
+        self.step_to(targets, background)
 
-    def step_to(self, targets: dict[int, int]) -> None:
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def step_async_then_free(self, data: st.DataObject) -> None:
+        """Free a slot while the mapper thread is growing it."""
+        slot = data.draw(st.sampled_from(sorted(self.active)), label="slot")
+        try:
+            self.cache.step_async({slot: data.draw(self.lengths, label="n")})
+        except OutOfPages:
+            event("step_async: OutOfPages")
+        self.cache.free(slot)
+        self.cache.wait()
+        self.active.discard(slot)
+        self.targets.pop(slot, None)
+        self.copies.pop(slot, None)
+
+    def step_to(self, targets: dict[int, int], background: bool = False) -> None:
         before = self.snapshot()
         try:
-            self.cache.step(targets)
+            if background:
+                self.cache.step_async(targets)
+                self.cache.wait()
+            else:
+                self.cache.step(targets)
         except OutOfPages as exc:
             event("step: OutOfPages")
             assert exc.needed > exc.available
@@ -275,7 +296,9 @@ class CacheMachine(RuleBasedStateMachine):
         assert host_mapped_bytes(self.base, self.size) == 0
 
 
+@pytest.mark.parametrize("lookahead", [0, 48])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_random_operations_keep_invariants(layout: str) -> None:
-    machine = type(f"CacheMachine_{layout}", (CacheMachine,), {"layout_name": layout})
+def test_random_operations_keep_invariants(layout: str, lookahead: int) -> None:
+    machine = type(f"CacheMachine_{layout}_{lookahead}", (CacheMachine,),
+                   {"layout_name": layout, "lookahead_tokens": lookahead})
     run_state_machine_as_test(machine, settings=SETTINGS)

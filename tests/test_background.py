@@ -1,0 +1,167 @@
+"""Background mapping on the host backend: step_async / wait, look-ahead, run-time limit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import vattn
+from tests.conftest import PAGE, check_invariants, host_mapped_bytes, small_cache
+from tests.test_faults import FaultyVM, install
+
+
+def test_step_async_maps_by_the_next_join() -> None:
+    with small_cache() as cache:
+        a, b = cache.allocate(), cache.allocate()
+        cache.step_async({a: 3000, b: 100})
+        assert cache._res.worker.busy or cache._res.rows[a]   # queued or already done
+        cache.wait()
+        assert cache.capacity(a) >= 3016 and cache.capacity(b) >= 116
+        k, v = cache.kv(1)
+        data = torch.randn(3000, 2, 64)
+        k[a, :3000] = data
+        cache.step_async({a: 5000})       # grows a in the background ...
+        cache.step_async({b: 4000})       # ... joined here, before b is planned
+        assert cache.capacity(a) >= 5016
+        cache.wait()
+        assert torch.equal(k[a, :3000], data)
+        check_invariants(cache)
+
+
+def test_step_async_out_of_pages_is_raised_in_the_call_with_nothing_changed() -> None:
+    with small_cache(memory_limit=9 * PAGE) as cache:
+        a, b = cache.allocate(), cache.allocate()
+        cache.step_async({a: 4000})
+        before = cache.stats()              # joins
+        with pytest.raises(vattn.OutOfPages):
+            cache.step_async({b: 100})
+        assert cache.stats() == before and not cache._res.worker.busy
+
+
+@pytest.mark.parametrize("op", ["create", "map", "set_access", "unmap"])
+def test_mapper_thread_error_surfaces_at_the_join(monkeypatch: pytest.MonkeyPatch,
+                                                   op: str) -> None:
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    reclaim = op != "create"     # a full pool makes b reclaim a's page; else b creates
+    with small_cache(memory_limit=(9 if reclaim else 20) * PAGE) as cache:
+        a, b = cache.allocate(), cache.allocate()
+        cache.step({a: 3000})
+        k, _ = cache.kv(0)
+        data = torch.randn(3000, 2, 64)
+        k[a, :3000] = data
+        if reclaim:
+            cache.free(a)
+        vm.op, vm.nth = op, vm.calls[op] + 1
+        cache.step_async({b: 100})           # the fault fires on the mapper thread
+        with pytest.raises(vattn.DriverError, match="INJECTED"):
+            cache.wait()
+        check_invariants(cache)              # the policy matches what is mapped
+        assert cache.capacity(b) == 0
+        cache.step_async({b: 100})           # the fault is spent
+        cache.wait()
+        assert cache.capacity(b) >= 116
+        if not reclaim:
+            assert torch.equal(k[a, :3000], data)
+        check_invariants(cache)
+    assert vm.created == vm.released and not vm.violations
+
+
+def test_look_ahead_spreads_a_common_page_crossing_over_steps() -> None:
+    # per_layer: 4 tensors, 2048 tokens a page. 4 slots at the same length cross their
+    # page boundary together; a budget of 8 pages a step maps 2 slots a step ahead.
+    with small_cache(read_slack=0, lookahead_tokens=64, lookahead_pages_per_step=8,
+                     memory_limit=40 * PAGE) as cache:
+        slots = [cache.allocate() for _ in range(4)]
+        cache.step(dict.fromkeys(slots, 1900))
+        assert [cache.capacity(s) for s in slots] == [2048] * 4
+        cache.step(dict.fromkeys(slots, 1990))         # within 64 of the boundary
+        assert [cache.capacity(s) for s in slots] == [4096, 4096, 2048, 2048]
+        cache.step(dict.fromkeys(slots, 1991))
+        assert [cache.capacity(s) for s in slots] == [4096] * 4
+        pages = cache.stats().pages_created
+        cache.step(dict.fromkeys(slots, 2100))         # crossing: nothing left to map
+        assert cache.stats().pages_created == pages
+
+
+def test_look_ahead_never_delays_what_is_needed() -> None:
+    with small_cache(read_slack=0, lookahead_tokens=64, lookahead_pages_per_step=0,
+                     memory_limit=40 * PAGE) as cache:
+        slots = [cache.allocate() for _ in range(4)]
+        cache.step(dict.fromkeys(slots, 2040))
+        assert [cache.capacity(s) for s in slots] == [2048] * 4
+        cache.step(dict.fromkeys(slots, 2049))         # needed now: past any budget
+        assert [cache.capacity(s) for s in slots] == [4096] * 4
+
+
+def test_lowering_the_memory_limit_keeps_active_data() -> None:
+    with small_cache(memory_limit=40 * PAGE) as cache:
+        a, b = cache.allocate(), cache.allocate()
+        cache.step({a: 3000, b: 3000})
+        k, _ = cache.kv(0)
+        data = torch.randn(3000, 2, 64)
+        k[a, :3000] = data
+        cache.free(b)
+        cache.grow_pool(8 * PAGE)
+        assert cache.stats().pages_created == 24
+        released = cache.set_memory_limit(9 * PAGE)    # a alone holds 8 pages
+        assert released == 16 * PAGE
+        stats = cache.stats()
+        assert stats.pages_created == 8 and stats.memory_limit_bytes == 9 * PAGE
+        assert torch.equal(k[a, :3000], data)
+        c = cache.allocate()
+        with pytest.raises(vattn.OutOfPages):
+            cache.step({c: 10})
+        cache.free(a)
+        cache.step({c: 10})                              # a's idle pages are reclaimed
+        check_invariants(cache)
+        with pytest.raises(vattn.InvalidArgument):
+            cache.set_memory_limit(PAGE - 1)
+
+
+def test_step_async_from_several_threads() -> None:
+    with small_cache(max_batch_size=8, memory_limit=40 * PAGE) as cache:
+        errors: list[BaseException] = []
+
+        def worker(seed: int) -> None:
+            gen = torch.Generator().manual_seed(seed)
+            try:
+                for _ in range(30):
+                    try:
+                        slot = cache.allocate()
+                    except vattn.OutOfSlots:
+                        continue
+                    n = int(torch.randint(1, 5000, (), generator=gen))
+                    try:
+                        cache.step_async({slot: n})
+                        cache.wait()
+                    except vattn.OutOfPages:
+                        cache.free(slot)
+                        continue
+                    k, _ = cache.kv(seed % 2)
+                    data = torch.randn(n, 2, 64, generator=gen)
+                    k[slot, :n] = data
+                    assert torch.equal(k[slot, :n], data)
+                    cache.free(slot)
+            except BaseException as exc:  # surfaced in the main thread below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        check_invariants(cache)
+
+
+def test_close_joins_the_mapper_thread() -> None:
+    cache = small_cache()
+    slot = cache.allocate()
+    cache.step_async({slot: 5000})
+    base, size = cache._res.base_address, cache.layout.reservation_bytes
+    cache.close()
+    assert cache._res.worker._thread is None
+    assert host_mapped_bytes(base, size) == 0
