@@ -165,3 +165,12 @@ def test_close_joins_the_mapper_thread() -> None:
     cache.close()
     assert cache._res.worker._thread is None
     assert host_mapped_bytes(base, size) == 0
+
+
+def test_stats_report_pages_mapped_ahead_of_need() -> None:
+    with small_cache(read_slack=0, lookahead_tokens=64, memory_limit=40 * PAGE) as cache:
+        slot = cache.allocate()
+        cache.step({slot: 2000})
+        assert cache.stats().pages_ahead == 4       # one page a tensor beyond 2000 tokens
+        cache.step({slot: 2100})
+        assert cache.stats().pages_ahead == 0

@@ -126,7 +126,9 @@ class VirtualKVCache:
         """
         with self._lock:
             self._check_usable()
-            return self._policy.allocate(self._pages_for(num_tokens))
+            slot = self._policy.allocate(self._pages_for(num_tokens))
+            self._targets[slot] = 0
+            return slot
 
     def free(self, slot: int) -> None:
         """Release `slot`; its pages stay mapped for the next request.
@@ -268,6 +270,9 @@ class VirtualKVCache:
                 idle_slots_with_pages=sum(not s.active and s.num_pages > 0 for s in slots),
                 pages_mapped=mapped,
                 pages_idle=self._policy.reclaimable(),
+                pages_ahead=tensors * sum(
+                    max(0, s.num_pages - self._pages_for(self._targets[b]))
+                    for b, s in enumerate(slots) if s.active),
                 pages_pending=self._res.num_pending,
                 pages_free=pool.num_free,
                 pages_created=pool.num_created,
@@ -314,13 +319,11 @@ class VirtualKVCache:
         """Validate `targets`, plan them and record the plan in the policy (the driver
         work follows; `_reconcile` undoes the record if it fails)."""
         need, ahead = self._needed_pages(targets)
-        for slot, tokens in targets.items():
-            self._targets[slot] = tokens
         if self._res.pending:
             self._res.reap(block=False)
-        if not need:
-            return MapPlan()
-        plan = self._plan(need, ahead)
+        plan = self._plan(need, ahead) if need else MapPlan()
+        for slot, tokens in targets.items():
+            self._targets[slot] = tokens
         self._policy.apply(plan)
         self._refresh_fits()
         return plan

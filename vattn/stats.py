@@ -19,6 +19,9 @@ class CacheStats:
     """Pages mapped in slots, active and idle."""
     pages_idle: int
     """Of `pages_mapped`, those held by idle slots."""
+    pages_ahead: int
+    """Of `pages_mapped`, those active slots hold beyond their last target and read slack
+    (look-ahead, and pages inherited from a freed slot)."""
     pages_pending: int
     """Pages waiting for their fence before they are unmapped."""
     pages_free: int
