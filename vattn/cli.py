@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vattn.bench import core
+from vattn.bench import core, overlap
 from vattn.config import resolve_device
 from vattn.driver import open_backend
 from vattn.errors import VattnError
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="page size for the self-check, MiB (default 2)")
     p_bench = commands.add_parser("bench", help="benchmarks")
     benches = p_bench.add_subparsers(dest="bench", required=True)
-    core.add_arguments(benches.add_parser("core", help=core.__doc__.splitlines()[0]))
+    for name, module in (("core", core), ("overlap", overlap)):
+        doc = module.__doc__ or ""
+        module.add_arguments(benches.add_parser(name, help=doc.splitlines()[0]))
     return parser
 
 
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return info(device, args.page_size_bytes)
-        return core.run(args, device)
+        return {"core": core, "overlap": overlap}[args.bench].run(args, device)
     except VattnError as exc:
         print(f"vattn: error: {exc}", file=sys.stderr)
         return 1

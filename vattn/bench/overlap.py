@@ -1,0 +1,194 @@
+"""Decode iteration time with pages mapped up front, synchronously, or in the background.
+
+vAttention Fig. 10: allocation overlapped with compute.
+
+The decode-like loop, per layer: append the new token's K and V at each request's
+position, FlashAttention-2 (torch's, varlen with ``seqused_k``) over the cache, and two
+matmuls standing in for the MLP (Llama-3-8B shapes). Each iteration ends with a device
+synchronisation, as a serving loop does when it reads the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vattn.bench import common
+from vattn.cache import VirtualKVCache
+from vattn.config import resolve_device
+from vattn.driver import open_backend
+
+HQ, HKV, D, HIDDEN, FFN = 32, 8, 128, 4096, 14336
+MODES = ("premapped", "sync", "background")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One decode workload."""
+
+    name: str
+    batch: int
+    start: tuple[int, ...]
+    """Each request's length at the first iteration."""
+    iterations: int
+    context: int
+
+
+CASES = {
+    # Fig. 10: batch 4 at 32K, the requests crossing pages at different steps.
+    "a": Case("a: batch 4, 32K", 4, (28000, 28256, 28512, 28768), 2048, 32768),
+    # Every request crossing a page boundary in the same steps.
+    "b": Case("b: batch 32, together", 32, (3996,) * 32, 1100, 8192),
+}
+
+
+class DecodeLoop:
+    """The stand-in model: one forward over `num_layers` layers on the cache."""
+
+    def __init__(self, cache: VirtualKVCache, case: Case, device: torch.device) -> None:
+        b = case.batch
+        self.cache, self.case = cache, case
+        self.slots = torch.arange(b, device=device)
+        self.lens = torch.tensor(case.start, dtype=torch.int32, device=device)
+        self.cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.cu_k = self.cu_q * cache.max_context_len
+        self.q = torch.randn(b, HQ, D, device=device, dtype=torch.bfloat16)
+        self.kv_new = torch.randn(2, b, HKV, D, device=device, dtype=torch.bfloat16)
+        self.x = torch.randn(b, HIDDEN, device=device, dtype=torch.bfloat16)
+        self.w1 = torch.randn(HIDDEN, FFN, device=device, dtype=torch.bfloat16) / 64
+        self.w2 = torch.randn(FFN, HIDDEN, device=device, dtype=torch.bfloat16) / 128
+
+    def forward(self) -> None:
+        pos = self.lens.long()
+        used = self.lens + 1
+        for layer in range(self.cache.config.num_layers):
+            k, v = self.cache.kv(layer)
+            k[self.slots, pos] = self.kv_new[0]
+            v[self.slots, pos] = self.kv_new[1]
+            torch.ops.aten._flash_attention_forward(
+                self.q, k.flatten(0, 1), v.flatten(0, 1), self.cu_q, self.cu_k, 1,
+                self.cache.max_context_len, 0.0, False, False, seqused_k=used)
+            (self.x @ self.w1) @ self.w2
+        self.lens += 1
+
+
+def run_mode(device: str, layout: str, case: Case, mode: str, layers: int) -> dict[str, Any]:
+    """Per-iteration times of one mode; the cache is made and closed here."""
+    lookahead = 0 if mode == "sync" else 256
+    with VirtualKVCache(num_layers=layers, num_kv_heads=HKV, head_dim=D,
+                        dtype=torch.bfloat16, max_batch_size=case.batch,
+                        max_context_len=case.context, device=device,
+                        layout=layout,  # type: ignore[arg-type]
+                        lookahead_tokens=lookahead) as cache:
+        for _ in range(case.batch):
+            cache.allocate()
+        lens = list(case.start)
+        first = {s: n + 1 for s, n in enumerate(lens)}
+        end = {s: n + case.iterations + 2 for s, n in enumerate(lens)}
+        cache.step(end if mode == "premapped" else first)
+        loop = DecodeLoop(cache, case, resolve_device(device))
+        for _ in range(3):      # warm-up at the starting lengths (nothing appended twice)
+            loop.forward()
+            loop.lens -= 1
+        torch.cuda.synchronize()
+        iteration, visible, ahead = [], [], 0
+        with common.frozen_gc():
+            for step in range(case.iterations):
+                start = time.perf_counter()
+                if mode == "sync":
+                    cache.step({s: n + 1 for s, n in enumerate(lens)})
+                else:
+                    cache.step_async({s: n + 2 for s, n in enumerate(lens)})
+                visible.append(time.perf_counter() - start)
+                loop.forward()
+                torch.cuda.synchronize()
+                iteration.append(time.perf_counter() - start)
+                lens = [n + 1 for n in lens]
+                if step % 64 == 63:
+                    ahead = max(ahead, cache.stats().pages_ahead)
+        cache.wait()
+        page_mib = cache.layout.page_size_bytes / 2**20
+    return {"iteration_s": iteration, "visible_s": visible, "ahead_mib": ahead * page_mib}
+
+
+def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
+              base: dict[str, Any] | None) -> dict[str, Any]:
+    it, vis = r["iteration_s"], r["visible_s"]
+    row = {"case": case.name, "layout": layout, "mode": mode,
+           "p50 ms": round(common.median(it) * 1e3, 3),
+           "p99 ms": round(common.percentile(it, 99) * 1e3, 3),
+           "p99.9 ms": round(common.percentile(it, 99.9) * 1e3, 3),
+           "max ms": round(max(it) * 1e3, 2),
+           "alloc visible p50 us": round(common.median(vis) * 1e6, 1),
+           "alloc visible max us": round(max(vis) * 1e6, 1),
+           "MiB ahead (max)": round(r["ahead_mib"])}
+    if base is not None:
+        b = base["iteration_s"]
+        row["p50 vs base"] = f"{common.median(it) / common.median(b) - 1:+.1%}"
+        row["p99.9 vs base"] = (
+            f"{common.percentile(it, 99.9) / common.percentile(b, 99.9) - 1:+.1%}")
+    else:
+        row["p50 vs base"] = row["p99.9 vs base"] = "-"
+    return row
+
+
+def plot(path: str, series: dict[str, list[float]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for label, times in series.items():
+        ax.plot([t * 1e3 for t in times], label=label, linewidth=0.8)
+    ax.set_xlabel("decode iteration")
+    ax.set_ylabel("iteration time (ms)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda[:N]")
+    parser.add_argument("--cases", default="a,b", help="comma-separated: a, b")
+    parser.add_argument("--layouts", default="per_layer,token_major")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=None, help="override per case")
+    parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument("--plot", default=None, help="PNG prefix: PREFIX-<case>-<layout>.png")
+
+
+def run(args: argparse.Namespace, device: str) -> int:
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        print("vattn bench overlap needs a CUDA device")
+        return 1
+    vm = open_backend(dev)
+    header = common.environment(vm.describe())
+    vm.close()
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    rows, raw = [], {}
+    for key in args.cases.split(","):
+        case = CASES[key]
+        if args.iterations:
+            case = Case(case.name, case.batch, case.start, args.iterations, case.context)
+        for layout in args.layouts.split(","):
+            results = {m: run_mode(device, layout, case, m, args.layers) for m in MODES}
+            for mode in MODES:
+                base = None if mode == "premapped" else results["premapped"]
+                rows.append(summarize(layout, case, mode, results[mode], base))
+            raw[f"{key}-{layout}"] = {m: results[m]["iteration_s"] for m in MODES}
+            if args.plot:
+                plot(f"{args.plot}-{key}-{layout}.png", raw[f"{key}-{layout}"],
+                     f"{case.name}, {layout}, {args.layers} layers")
+    print("\n" + common.markdown_table(rows))
+    if args.json:
+        common.write_json(args.json, {"environment": header, "rows": rows, "raw": raw})
+    return 0
