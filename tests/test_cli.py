@@ -40,7 +40,7 @@ def test_quickstart_example_runs() -> None:
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "holds 3520 tokens" in out.stdout  # 3000 + 256 slack + 256 look-ahead
+    assert "holds 3264 tokens" in out.stdout  # 3000 + 256 slack + 8 look-ahead
 
 
 def test_default_layout_is_token_major() -> None:

@@ -31,6 +31,7 @@ from vattn.views import byte_view, kv_views
 
 logger = logging.getLogger(__name__)
 _LIVE: weakref.WeakSet[VirtualKVCache] = weakref.WeakSet()
+_NO_PLAN = MapPlan()
 
 
 class VirtualKVCache:
@@ -62,8 +63,8 @@ class VirtualKVCache:
                  max_batch_size: int, max_context_len: int,
                  device: str | torch.device = "cuda", *, layout: LayoutName = "token_major",
                  page_size_bytes: int = 2 << 20, memory_limit: int | None = None,
-                 read_slack: int = 256, lookahead_tokens: int = 256,
-                 lookahead_pages_per_step: int = 128, debug_fill_nan: bool = False,
+                 read_slack: int = 256, lookahead_tokens: int | None = None,
+                 lookahead_pages_per_step: int = 32, debug_fill_nan: bool = False,
                  streams: list[torch.cuda.Stream] | None = None) -> None:
         self.config = CacheConfig(num_layers, num_kv_heads, head_dim, dtype, max_batch_size,
                                   max_context_len, resolve_device(device), layout,
@@ -89,6 +90,7 @@ class VirtualKVCache:
                                      self.layout.num_tensors)
         self._free_fences: list[Fence] = [CompletedFence()] * max_batch_size
         self._targets = [0] * max_batch_size
+        self._lookahead = self.config.lookahead
         self._inflight: MapPlan | None = None
         self._refresh_fits()
         try:
@@ -321,11 +323,12 @@ class VirtualKVCache:
         need, ahead = self._needed_pages(targets)
         if self._res.pending:
             self._res.reap(block=False)
-        plan = self._plan(need, ahead) if need else MapPlan()
+        plan = self._plan(need, ahead) if need else _NO_PLAN
         for slot, tokens in targets.items():
             self._targets[slot] = tokens
-        self._policy.apply(plan)
-        self._refresh_fits()
+        if not plan.empty:
+            self._policy.apply(plan)
+            self._refresh_fits()
         return plan
 
     def _plan(self, need: dict[int, int], ahead: dict[int, int]) -> MapPlan:
@@ -423,7 +426,7 @@ class VirtualKVCache:
             raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
                                   f"got {type(targets).__name__}")
         slots, fits, num_slots = self._policy.slots, self._fits, len(self._fits)
-        lookahead, lmax = self.config.lookahead_tokens, self.max_context_len
+        lookahead, lmax = self._lookahead, self.max_context_len
         need, ahead = {}, {}
         for slot, tokens in targets.items():
             if type(slot) is not int or not 0 <= slot < num_slots or not slots[slot].active:
@@ -436,7 +439,7 @@ class VirtualKVCache:
     def _refresh_fits(self) -> None:
         """Recompute, per slot, the largest target its mapped pages cover (after any change
         to a slot's pages)."""
-        lay, margin = self.layout, self.config.read_slack + self.config.lookahead_tokens
+        lay, margin = self.layout, self.config.read_slack + self._lookahead
         self._fits = [lay.max_context_len if s.num_pages == lay.pages_per_slot
                       else lay.tokens_for_pages(s.num_pages) - margin
                       for s in self._policy.slots]

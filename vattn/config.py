@@ -72,12 +72,13 @@ class CacheConfig:
     """Bytes of physical memory the cache may create; default a fraction of free memory."""
     read_slack: int = DEFAULT_READ_SLACK
     """Tokens kept mapped past each slot's target, for kernels that read whole tiles."""
-    lookahead_tokens: int = 256
+    lookahead_tokens: int | None = None
     """Map a slot's next pages once its target comes within this many tokens of its
-    mapped capacity (less the read slack), ahead of need."""
-    lookahead_pages_per_step: int = 128
-    """Physical pages one step may map ahead of need, spreading the work of many slots
-    that cross a page boundary together over several steps."""
+    mapped capacity (less the read slack), ahead of need. Default: a quarter of the
+    tokens a page holds (256 for Llama-3-8B ``per_layer``, 8 for ``token_major``)."""
+    lookahead_pages_per_step: int = 32
+    """Physical pages one step may map ahead of need (about 1 ms of driver work), so
+    that many slots crossing a page boundary together are mapped over several steps."""
     debug_fill_nan: bool = False
     """Fill newly mapped pages with NaN, so a kernel reading past a length is caught."""
     pending_timeout_s: float = 5.0
@@ -88,7 +89,8 @@ class CacheConfig:
                      "max_context_len", "page_size_bytes"):
             _check_int(name, getattr(self, name), 1)
         _check_int("read_slack", self.read_slack, 0)
-        _check_int("lookahead_tokens", self.lookahead_tokens, 0)
+        if self.lookahead_tokens is not None:
+            _check_int("lookahead_tokens", self.lookahead_tokens, 0)
         _check_int("lookahead_pages_per_step", self.lookahead_pages_per_step, 0)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise InvalidArgument(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
@@ -101,6 +103,13 @@ class CacheConfig:
         if not self.pending_timeout_s >= 0:
             raise InvalidArgument(
                 f"pending_timeout_s must be >= 0, got {self.pending_timeout_s!r}")
+
+    @property
+    def lookahead(self) -> int:
+        """`lookahead_tokens`, its default resolved."""
+        if self.lookahead_tokens is not None:
+            return self.lookahead_tokens
+        return max(1, self.make_layout().tokens_for_pages(1) // 4)
 
     def make_layout(self) -> Layout:
         """The pure arithmetic of this configuration."""
