@@ -78,7 +78,7 @@ class DecodeLoop:
 
 def run_mode(device: str, layout: str, case: Case, mode: str, layers: int) -> dict[str, Any]:
     """Per-iteration times of one mode; the cache is made and closed here."""
-    lookahead = 0 if mode == "sync" else 256
+    lookahead = 0 if mode == "sync" else None   # sync: on demand only, the Fig. 10 spikes
     with VirtualKVCache(num_layers=layers, num_kv_heads=HKV, head_dim=D,
                         dtype=torch.bfloat16, max_batch_size=case.batch,
                         max_context_len=case.context, device=device,
