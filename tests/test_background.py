@@ -174,3 +174,12 @@ def test_stats_report_pages_mapped_ahead_of_need() -> None:
         assert cache.stats().pages_ahead == 4       # one page a tensor beyond 2000 tokens
         cache.step({slot: 2100})
         assert cache.stats().pages_ahead == 0
+
+
+def test_look_ahead_maps_a_whole_page_row_even_when_it_exceeds_the_budget() -> None:
+    # 4 tensors a row; a budget of 1 page still lets one slot a step grow a row ahead.
+    with small_cache(read_slack=0, lookahead_tokens=64, lookahead_pages_per_step=1,
+                     memory_limit=40 * PAGE) as cache:
+        slots = [cache.allocate() for _ in range(2)]
+        cache.step(dict.fromkeys(slots, 2000))
+        assert [cache.capacity(s) for s in slots] == [4096, 2048]

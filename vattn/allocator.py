@@ -144,7 +144,10 @@ class SlotAllocator:
                 raise OutOfPages(needed, available + self.reclaimable())
             return MapPlan(grow=self._runs(need), reclaim=self._reclaim_runs(needed - available))
         if ahead:
-            budget = min(ahead_budget, available - needed) // self.num_tensors
+            # At least one page row when allowed at all: a row is num_tensors pages, which
+            # can exceed the budget (64 pages per_layer for Llama-3-8B).
+            budget = min(max(ahead_budget, self.num_tensors if ahead_budget else 0),
+                         available - needed) // self.num_tensors
             for slot in sorted(ahead, key=lambda b: (self._headroom(b, targets), b)):
                 have = max(slots[slot].num_pages, need.get(slot, 0))
                 extra = min(ahead[slot] - have, budget)

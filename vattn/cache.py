@@ -89,7 +89,7 @@ class VirtualKVCache:
         self._policy = SlotAllocator(max_batch_size, self.layout.pages_per_slot,
                                      self.layout.num_tensors)
         self._free_fences: list[Fence] = [CompletedFence()] * max_batch_size
-        self._targets = [0] * max_batch_size
+        self._targets: dict[int, int] = {}
         self._lookahead = self.config.lookahead
         self._inflight: MapPlan | None = None
         self._refresh_fits()
@@ -129,7 +129,7 @@ class VirtualKVCache:
         with self._lock:
             self._check_usable()
             slot = self._policy.allocate(self._pages_for(num_tokens))
-            self._targets[slot] = 0
+            self._targets.pop(slot, None)
             return slot
 
     def free(self, slot: int) -> None:
@@ -273,7 +273,7 @@ class VirtualKVCache:
                 pages_mapped=mapped,
                 pages_idle=self._policy.reclaimable(),
                 pages_ahead=tensors * sum(
-                    max(0, s.num_pages - self._pages_for(self._targets[b]))
+                    max(0, s.num_pages - self._pages_for(self._targets.get(b, 0)))
                     for b, s in enumerate(slots) if s.active),
                 pages_pending=self._res.num_pending,
                 pages_free=pool.num_free,
@@ -324,8 +324,7 @@ class VirtualKVCache:
         if self._res.pending:
             self._res.reap(block=False)
         plan = self._plan(need, ahead) if need else _NO_PLAN
-        for slot, tokens in targets.items():
-            self._targets[slot] = tokens
+        self._targets.update(targets)
         if not plan.empty:
             self._policy.apply(plan)
             self._refresh_fits()

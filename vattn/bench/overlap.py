@@ -40,7 +40,7 @@ class Case:
 
 CASES = {
     # Fig. 10: batch 4 at 32K, the requests crossing pages at different steps.
-    "a": Case("a: batch 4, 32K", 4, (28000, 28256, 28512, 28768), 2048, 32768),
+    "a": Case("a: batch 4, 32K", 4, (28000, 28256, 28512, 28768), 3072, 32768),
     # Every request crossing a page boundary in the same steps.
     "b": Case("b: batch 32, together", 32, (3996,) * 32, 1100, 8192),
 }
