@@ -76,7 +76,8 @@ class DecodeLoop:
         self.lens += 1
 
 
-def run_mode(device: str, layout: str, case: Case, mode: str, layers: int) -> dict[str, Any]:
+def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
+             precreate_bytes: int = 0) -> dict[str, Any]:
     """Per-iteration times of one mode; the cache is made and closed here."""
     lookahead = 0 if mode == "sync" else None   # sync: on demand only, the Fig. 10 spikes
     with VirtualKVCache(num_layers=layers, num_kv_heads=HKV, head_dim=D,
@@ -84,6 +85,7 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int) -> di
                         max_context_len=case.context, device=device,
                         layout=layout,  # type: ignore[arg-type]
                         lookahead_tokens=lookahead) as cache:
+        cache.grow_pool(precreate_bytes)
         for _ in range(case.batch):
             cache.allocate()
         lens = list(case.start)
@@ -161,6 +163,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", default="per_layer,token_major")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=None, help="override per case")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated; the first is the baseline")
+    parser.add_argument("--precreate-gib", type=float, default=0.0,
+                        help="create this much physical memory before the loop")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--plot", default=None, help="PNG prefix: PREFIX-<case>-<layout>.png")
 
@@ -180,11 +186,14 @@ def run(args: argparse.Namespace, device: str) -> int:
         if args.iterations:
             case = Case(case.name, case.batch, case.start, args.iterations, case.context)
         for layout in args.layouts.split(","):
-            results = {m: run_mode(device, layout, case, m, args.layers) for m in MODES}
-            for mode in MODES:
-                base = None if mode == "premapped" else results["premapped"]
+            modes = args.modes.split(",")
+            precreate = int(args.precreate_gib * 2**30)
+            results = {m: run_mode(device, layout, case, m, args.layers, precreate)
+                       for m in modes}
+            for mode in modes:
+                base = None if mode == modes[0] else results[modes[0]]
                 rows.append(summarize(layout, case, mode, results[mode], base))
-            raw[f"{key}-{layout}"] = {m: results[m]["iteration_s"] for m in MODES}
+            raw[f"{key}-{layout}"] = {m: results[m]["iteration_s"] for m in modes}
             if args.plot:
                 plot(f"{args.plot}-{key}-{layout}.png", raw[f"{key}-{layout}"],
                      f"{case.name}, {layout}, {args.layers} layers")
