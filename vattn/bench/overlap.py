@@ -85,12 +85,12 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
                         max_context_len=case.context, device=device,
                         layout=layout,  # type: ignore[arg-type]
                         lookahead_tokens=lookahead) as cache:
-        cache.grow_pool(precreate_bytes)
-        for _ in range(case.batch):
-            cache.allocate()
         lens = list(case.start)
         first = {s: n + 1 for s, n in enumerate(lens)}
         end = {s: n + case.iterations + 2 for s, n in enumerate(lens)}
+        cache.grow_pool(_loop_bytes(cache, end) if precreate_bytes < 0 else precreate_bytes)
+        for _ in range(case.batch):
+            cache.allocate()
         cache.step(end if mode == "premapped" else first)
         loop = DecodeLoop(cache, case, resolve_device(device))
         for _ in range(3):      # warm-up at the starting lengths (nothing appended twice)
@@ -115,6 +115,14 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
         cache.wait()
         page_mib = cache.layout.page_size_bytes / 2**20
     return {"iteration_s": iteration, "visible_s": visible, "ahead_mib": ahead * page_mib}
+
+
+def _loop_bytes(cache: VirtualKVCache, end: dict[int, int]) -> int:
+    """Physical memory the whole run maps, look-ahead included: created up front, as a
+    server grows its pool at start-up (creating pages while kernels run disturbs them)."""
+    lay, slack = cache.layout, cache.config.read_slack + cache.config.lookahead
+    pages = sum(lay.pages_for_tokens(n, slack) + 1 for n in end.values())
+    return pages * lay.num_tensors * lay.page_size_bytes
 
 
 def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
@@ -165,8 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="override per case")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated; the first is the baseline")
-    parser.add_argument("--precreate-gib", type=float, default=0.0,
-                        help="create this much physical memory before the loop")
+    parser.add_argument("--precreate-gib", type=float, default=-1.0,
+                        help="physical memory created before the loop (default: all the "
+                        "run maps, as a server grows its pool at start-up; 0: create on "
+                        "demand)")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--plot", default=None, help="PNG prefix: PREFIX-<case>-<layout>.png")
 
@@ -187,7 +197,7 @@ def run(args: argparse.Namespace, device: str) -> int:
             case = Case(case.name, case.batch, case.start, args.iterations, case.context)
         for layout in args.layouts.split(","):
             modes = args.modes.split(",")
-            precreate = int(args.precreate_gib * 2**30)
+            precreate = -1 if args.precreate_gib < 0 else int(args.precreate_gib * 2**30)
             results = {m: run_mode(device, layout, case, m, args.layers, precreate)
                        for m in modes}
             for mode in modes:
