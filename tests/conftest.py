@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+import vattn
 from vattn.cache import VirtualKVCache
 
 PAGE = 1 << 20
@@ -65,3 +68,43 @@ def check_invariants(cache: VirtualKVCache) -> None:
         assert mapped == expected
 
 
+
+
+def hammer_from_threads(cache: VirtualKVCache, background: bool, num_threads: int = 6,
+                        rounds: int = 30) -> None:
+    """Threads each allocate a slot, map it (`step`, or `step_async` + `wait`), write and
+    read back random data, and free it; any failure is raised here."""
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            for _ in range(rounds):
+                try:
+                    slot = cache.allocate()
+                except vattn.OutOfSlots:
+                    continue
+                n = int(torch.randint(1, 5000, (), generator=gen))
+                try:
+                    if background:
+                        cache.step_async({slot: n})
+                        cache.wait()
+                    else:
+                        cache.step({slot: n})
+                except vattn.OutOfPages:
+                    cache.free(slot)
+                    continue
+                k, _ = cache.kv(seed % 2)
+                data = torch.randn(n, 2, 64, generator=gen)
+                k[slot, :n] = data
+                assert torch.equal(k[slot, :n], data)
+                cache.free(slot)
+        except BaseException as exc:  # raised in the calling thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(num_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors

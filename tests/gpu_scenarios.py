@@ -27,13 +27,14 @@ def decode_loop_with_background_mapping() -> None:
         copies: dict[int, torch.Tensor] = {}      # slot -> [len, 2 layers, 2, hkv, d]
         for iteration in range(600):
             if len(copies) < batch and rng.random() < 0.05:
+                slot = cache.allocate()
                 try:
-                    slot = cache.allocate()
                     cache.step({slot: 1})
+                except vattn.OutOfPages:
+                    cache.free(slot)
+                else:
                     copies[slot] = torch.empty(0, 2, 2, hkv, d, device="cuda",
                                                dtype=torch.bfloat16)
-                except (vattn.OutOfSlots, vattn.OutOfPages):
-                    pass
             if copies and rng.random() < 0.02:
                 slot = rng.choice(sorted(copies))
                 cache.free(slot)                  # its pages stay until reclaimed

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 import vattn
-from tests.conftest import PAGE, check_invariants, host_mapped_bytes, small_cache
+from tests.conftest import (
+    PAGE,
+    check_invariants,
+    hammer_from_threads,
+    host_mapped_bytes,
+    small_cache,
+)
 from tests.test_faults import FaultyVM, install
 
 
@@ -123,37 +127,7 @@ def test_lowering_the_memory_limit_keeps_active_data() -> None:
 
 def test_step_async_from_several_threads() -> None:
     with small_cache(max_batch_size=8, memory_limit=40 * PAGE) as cache:
-        errors: list[BaseException] = []
-
-        def worker(seed: int) -> None:
-            gen = torch.Generator().manual_seed(seed)
-            try:
-                for _ in range(30):
-                    try:
-                        slot = cache.allocate()
-                    except vattn.OutOfSlots:
-                        continue
-                    n = int(torch.randint(1, 5000, (), generator=gen))
-                    try:
-                        cache.step_async({slot: n})
-                        cache.wait()
-                    except vattn.OutOfPages:
-                        cache.free(slot)
-                        continue
-                    k, _ = cache.kv(seed % 2)
-                    data = torch.randn(n, 2, 64, generator=gen)
-                    k[slot, :n] = data
-                    assert torch.equal(k[slot, :n], data)
-                    cache.free(slot)
-            except BaseException as exc:  # surfaced in the main thread below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors, errors
+        hammer_from_threads(cache, background=True)
         check_invariants(cache)
 
 

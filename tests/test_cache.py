@@ -10,7 +10,13 @@ import pytest
 import torch
 
 import vattn
-from tests.conftest import PAGE, check_invariants, host_mapped_bytes, small_cache
+from tests.conftest import (
+    PAGE,
+    check_invariants,
+    hammer_from_threads,
+    host_mapped_bytes,
+    small_cache,
+)
 
 LAYOUTS = ["per_layer", "token_major"]
 
@@ -287,39 +293,8 @@ def test_public_names() -> None:
 
 
 def test_several_threads_share_one_cache() -> None:
-    import threading
-
     with small_cache(max_batch_size=8, memory_limit=40 * PAGE) as cache:
-        errors: list[BaseException] = []
-
-        def worker(seed: int) -> None:
-            gen = torch.Generator().manual_seed(seed)
-            try:
-                for _ in range(40):
-                    try:
-                        slot = cache.allocate()
-                    except vattn.OutOfSlots:
-                        continue
-                    n = int(torch.randint(1, 5000, (), generator=gen))
-                    try:
-                        cache.step({slot: n})
-                    except vattn.OutOfPages:
-                        cache.free(slot)
-                        continue
-                    k, _ = cache.kv(seed % 2)
-                    data = torch.randn(n, 2, 64, generator=gen)
-                    k[slot, :n] = data
-                    assert torch.equal(k[slot, :n], data)
-                    cache.free(slot)
-            except BaseException as exc:  # surfaced in the main thread below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors, errors
+        hammer_from_threads(cache, background=False)
         check_invariants(cache)
         assert cache.stats().active_slots == 0
 

@@ -55,18 +55,16 @@ def test_random_operations_keep_invariants_and_data(layout: str) -> None:
                 try:
                     cache.step(grown)
                 except vattn.OutOfPages:
-                    pass
-                else:
-                    for slot, n in grown.items():
-                        assert cache.capacity(slot) >= n + cache.config.read_slack
-                        lengths[slot] = n
-                        copies[slot] = []
-                        for layer in range(cache.config.num_layers):
-                            for t in cache.kv(layer):
-                                data = torch.randn(n, 8, 128, device="cuda",
-                                                   dtype=torch.bfloat16)
-                                t[slot, :n] = data
-                                copies[slot].append(data)
+                    grown = {}      # nothing mapped; the checks below still run
+                for slot, n in grown.items():
+                    assert cache.capacity(slot) >= n + cache.config.read_slack
+                    lengths[slot] = n
+                    copies[slot] = []
+                    for layer in range(cache.config.num_layers):
+                        for t in cache.kv(layer):
+                            data = torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16)
+                            t[slot, :n] = data
+                            copies[slot].append(data)
             check_invariants(cache)
             for slot, data in copies.items():
                 views = [t for layer in range(4) for t in cache.kv(layer)]

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return info(device, args.page_size_bytes)
-        return {"core": core, "overlap": overlap}[args.bench].run(args, device)
+        return {"core": core, "overlap": overlap}[args.bench].run(args, device, print)
     except VattnError as exc:
         print(f"vattn: error: {exc}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ Llama-3-8B KV shape (32 layers, 8 KV heads, head dim 128, bf16), 32 slots, 2 MiB
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -140,14 +141,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write results here")
 
 
-def run(args: argparse.Namespace, device: str) -> int:
+def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> int:
+    """Run the benchmark; `emit` shows each finished part (the CLI prints it)."""
     from vattn.config import resolve_device
 
     dev = resolve_device(device)
     vm = open_backend(dev)
     header = common.environment(vm.describe())
     vm.close()
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    emit(" | ".join(f"{k}: {v}" for k, v in header.items()))
     layouts = ["per_layer", "token_major"]
     results: dict[str, Any] = {"environment": header}
     results["bulk_map"] = [bulk_map(device, lay, 4096, args.repeats) for lay in layouts]
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace, device: str) -> int:
             device, lay, batch, 16384, args.decode_layers, 50)]
     for name, rows in results.items():
         if name != "environment":
-            print(f"\n### {name}\n\n{common.markdown_table(rows)}")
+            emit(f"\n### {name}\n\n{common.markdown_table(rows)}")
     if args.json:
         common.write_json(args.json, results)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from vattn.bench import common
 from vattn.cache import VirtualKVCache
 from vattn.config import resolve_device
 from vattn.driver import open_backend
+from vattn.errors import InvalidArgument
 
 HQ, HKV, D, HIDDEN, FFN = 32, 8, 128, 4096, 14336
 MODES = ("premapped", "sync", "background")
@@ -181,15 +183,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="PNG prefix: PREFIX-<case>-<layout>.png")
 
 
-def run(args: argparse.Namespace, device: str) -> int:
+def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> int:
+    """Run the benchmark; `emit` shows each finished part (the CLI prints it)."""
     dev = resolve_device(device)
     if dev.type != "cuda":
-        print("vattn bench overlap needs a CUDA device")
-        return 1
+        raise InvalidArgument(f"vattn bench overlap needs a CUDA device, got {device!r}")
     vm = open_backend(dev)
     header = common.environment(vm.describe())
     vm.close()
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    emit(" | ".join(f"{k}: {v}" for k, v in header.items()))
     rows, raw = [], {}
     for key in args.cases.split(","):
         case = CASES[key]
@@ -207,7 +209,7 @@ def run(args: argparse.Namespace, device: str) -> int:
             if args.plot:
                 plot(f"{args.plot}-{key}-{layout}.png", raw[f"{key}-{layout}"],
                      f"{case.name}, {layout}, {args.layers} layers")
-    print("\n" + common.markdown_table(rows))
+    emit("\n" + common.markdown_table(rows))
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows, "raw": raw})
     return 0
