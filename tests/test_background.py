@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -157,3 +159,32 @@ def test_look_ahead_maps_a_whole_page_row_even_when_it_exceeds_the_budget() -> N
         slots = [cache.allocate() for _ in range(2)]
         cache.step(dict.fromkeys(slots, 2000))
         assert [cache.capacity(s) for s in slots] == [4096, 2048]
+
+
+def test_pending_pages_are_unmapped_by_the_mapper_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    with small_cache() as cache:
+        a, b = cache.allocate(), cache.allocate()
+        cache.step({a: 3000, b: 10})
+        cache.free(a)
+        fence = cache._free_fences[a]
+        done = False
+        monkeypatch.setattr(fence, "done", lambda: done)     # a kernel still reads a
+        cache.trim(release=False)
+        assert cache.stats().pages_pending == 8
+        done = True
+        threads: list[str] = []
+        unmap = vm.unmap
+
+        def recording_unmap(address: int, size_bytes: int) -> None:
+            threads.append(threading.current_thread().name)
+            unmap(address, size_bytes)
+
+        monkeypatch.setattr(vm, "unmap", recording_unmap)
+        cache.step_async({b: 10})                            # nothing to map: just reap
+        cache.wait()
+        assert len(threads) == 8
+        assert all(name.startswith("vattn-mapper") for name in threads), threads
+        assert cache.stats().pages_pending == 0 and cache.stats().pages_free == 8
+        check_invariants(cache)

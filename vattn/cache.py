@@ -157,7 +157,7 @@ class VirtualKVCache:
         with self._lock:
             self._check_usable()
             self._join()
-            plan = self._plan_step(targets)
+            plan = self._plan_step(targets, reap=True)
             if plan.empty:
                 return
             try:
@@ -179,7 +179,7 @@ class VirtualKVCache:
         with self._lock:
             self._check_usable()
             self._join()
-            plan = self._plan_step(targets)
+            plan = self._plan_step(targets, reap=False)   # the mapper thread reaps
             if plan.empty and not self._res.pending:
                 return
             self._inflight = plan
@@ -317,11 +317,12 @@ class VirtualKVCache:
 
     # -- internals -------------------------------------------------------------------
 
-    def _plan_step(self, targets: Mapping[int, int]) -> MapPlan:
+    def _plan_step(self, targets: Mapping[int, int], reap: bool) -> MapPlan:
         """Validate `targets`, plan them and record the plan in the policy (the driver
-        work follows; `_reconcile` undoes the record if it fails)."""
+        work follows; `_reconcile` undoes the record if it fails). With `reap`, pending
+        pages whose fences completed are unmapped first, on this thread."""
         need, ahead = self._needed_pages(targets)
-        if self._res.pending:
+        if reap and self._res.pending:
             self._res.reap(block=False)
         plan = self._plan(need, ahead) if need else _NO_PLAN
         self._targets.update(targets)
