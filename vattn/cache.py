@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from vattn import driver
-from vattn.allocator import MapPlan, PageRun, SlotAllocator
+from vattn.allocator import MapPlan, PageRun, SlotAllocator, SlotState
 from vattn.config import DEFAULT_MEMORY_FRACTION, CacheConfig, resolve_device
 from vattn.errors import InvalidArgument, OutOfPages, VattnError
 from vattn.layout import LayoutName
@@ -130,6 +130,7 @@ class VirtualKVCache:
             self._check_usable()
             slot = self._policy.allocate(self._pages_for(num_tokens))
             self._targets.pop(slot, None)
+            self._fits[slot] = self._fit(self._policy.slots[slot])
             return slot
 
     def free(self, slot: int) -> None:
@@ -142,6 +143,7 @@ class VirtualKVCache:
             self._check_usable()
             self._check_active(slot)
             self._policy.free(slot)
+            self._fits[slot] = -1
             self._free_fences[slot] = self._new_fence()
 
     def step(self, targets: Mapping[int, int]) -> None:
@@ -425,24 +427,31 @@ class VirtualKVCache:
         if not isinstance(targets, Mapping):
             raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
                                   f"got {type(targets).__name__}")
-        slots, fits, num_slots = self._policy.slots, self._fits, len(self._fits)
+        fits, num_slots = self._fits, len(self._fits)
         lookahead, lmax = self._lookahead, self.max_context_len
         need, ahead = {}, {}
         for slot, tokens in targets.items():
-            if type(slot) is not int or not 0 <= slot < num_slots or not slots[slot].active:
-                self._check_active(slot)
-            if type(tokens) is not int or not 0 <= tokens <= fits[slot]:
-                need[slot] = self._pages_for(tokens)
-                ahead[slot] = self._pages_for(min(tokens + lookahead, lmax))
+            if (type(slot) is int and 0 <= slot < num_slots and type(tokens) is int
+                    and 0 <= tokens <= fits[slot]):
+                continue                        # active, and its pages cover the target
+            self._check_active(slot)
+            need[slot] = self._pages_for(tokens)
+            ahead[slot] = self._pages_for(min(tokens + lookahead, lmax))
         return need, ahead
 
     def _refresh_fits(self) -> None:
-        """Recompute, per slot, the largest target its mapped pages cover (after any change
-        to a slot's pages)."""
-        lay, margin = self.layout, self.config.read_slack + self._lookahead
-        self._fits = [lay.max_context_len if s.num_pages == lay.pages_per_slot
-                      else lay.tokens_for_pages(s.num_pages) - margin
-                      for s in self._policy.slots]
+        """Recompute every slot's `_fit` (after any change to slots' pages)."""
+        self._fits = [self._fit(state) for state in self._policy.slots]
+
+    def _fit(self, state: SlotState) -> int:
+        """The largest target a slot's mapped pages cover, look-ahead included; -1 for a
+        free slot, so that naming it in `step` takes the slow path that rejects it."""
+        lay = self.layout
+        if not state.active:
+            return -1
+        if state.num_pages == lay.pages_per_slot:
+            return lay.max_context_len
+        return lay.tokens_for_pages(state.num_pages) - self.config.read_slack - self._lookahead
 
     def _check_streams(self, streams: list[torch.cuda.Stream] | None) -> list[torch.cuda.Stream]:
         streams = list(streams or [])
