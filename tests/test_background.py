@@ -188,3 +188,22 @@ def test_pending_pages_are_unmapped_by_the_mapper_thread(monkeypatch: pytest.Mon
         assert all(name.startswith("vattn-mapper") for name in threads), threads
         assert cache.stats().pages_pending == 0 and cache.stats().pages_free == 8
         check_invariants(cache)
+
+
+def test_a_dropped_cache_is_released_after_step_async() -> None:
+    import gc
+    import weakref
+
+    cache = small_cache()
+    slot = cache.allocate()
+    cache.step_async({slot: 5000})
+    base, size = cache._res.base_address, cache.layout.reservation_bytes
+    alive = weakref.ref(cache)
+    del cache
+    for _ in range(100):                 # the mapper thread drops its reference
+        gc.collect()
+        if alive() is None and host_mapped_bytes(base, size) == 0:
+            break
+        threading.Event().wait(0.01)
+    assert alive() is None
+    assert host_mapped_bytes(base, size) == 0

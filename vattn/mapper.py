@@ -169,10 +169,12 @@ class BackgroundWorker:
             raise error
 
     def stop(self) -> None:
-        """Finish the job in flight and end the thread (its error is dropped)."""
+        """Finish the job in flight and end the thread (its error is dropped). Called on
+        the thread itself (a cache collected there), it only asks the thread to end."""
         if self._thread is not None:
             self._jobs.put(None)
-            self._thread.join()
+            if self._thread is not threading.current_thread():
+                self._thread.join()
             self._thread = None
         self._error = None
 
@@ -183,4 +185,5 @@ class BackgroundWorker:
             except BaseException as exc:  # handed to the caller at join()
                 self._error = exc
             finally:
+                job = None  # the job may hold the cache: let it go while idle
                 self._idle.set()
