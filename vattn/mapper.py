@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -110,17 +110,24 @@ class Mapper:
         page = self.layout.page_size_bytes
         done: list[tuple[int, int]] = []  # (address, handle) unmapped so far
         try:
-            for tensor in range(self.layout.num_tensors):
-                for slot, first_page, rows in runs:
-                    start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-                    for j, row in enumerate(rows):
-                        self.vm.unmap(start + j * page, page)
-                        done.append((start + j * page, row[tensor]))
+            for address, handle in self.pages(runs):
+                self.vm.unmap(address, page)
+                done.append((address, handle))
         except BaseException:
             for address, handle in done:
                 _quietly(self.vm.map, address, page, handle)
                 _quietly(self.vm.set_access, address, page)
             raise
+
+
+    def pages(self, runs: Sequence[Run]) -> Iterator[tuple[int, int]]:
+        """(address, handle) of every page of `runs`, tensor by tensor."""
+        page = self.layout.page_size_bytes
+        for tensor in range(self.layout.num_tensors):
+            for slot, first_page, rows in runs:
+                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                for j, row in enumerate(rows):
+                    yield start + j * page, row[tensor]
 
 
 def _quietly(call: Callable[..., None], *args: int) -> None:
@@ -136,7 +143,7 @@ class BackgroundWorker:
     GPU's work; `join` waits for the job and raises what it raised.
 
     At most one job is in flight: callers `join` before they `submit`. The thread is a
-    daemon and holds no reference to the cache; `stop` joins it.
+    daemon; it references the cache only while a job runs; `stop` joins it.
     """
 
     def __init__(self, name: str) -> None:

@@ -195,10 +195,5 @@ class Resources:
         """(address, handle) of every mapped page: slots, pending, the anchor."""
         runs = [(slot, 0, rows) for slot, rows in enumerate(self.rows) if rows]
         runs += [(p.run.slot, p.run.first_page, p.rows) for p in self.pending]
-        page, pages = self.layout.page_size_bytes, []
-        for slot, first_page, rows in runs:
-            for tensor in range(self.layout.num_tensors):
-                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-                pages += [(start + j * page, row[tensor]) for j, row in enumerate(rows)]
         assert self.anchor is not None
-        return [*pages, (self.base_address, self.anchor)]
+        return [*self.mapper.pages(runs), (self.base_address, self.anchor)]
