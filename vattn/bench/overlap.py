@@ -100,6 +100,8 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
             loop.lens -= 1
         torch.cuda.synchronize()
         iteration, visible, ahead = [], [], 0
+        work: list[bool] = []   # did this iteration's step plan pages (mapped meanwhile)?
+        mapped = _capacity(cache, case.batch)
         with common.frozen_gc():
             for step in range(case.iterations):
                 start = time.perf_counter()
@@ -115,11 +117,28 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
                 torch.cuda.synchronize()
                 iteration.append(time.perf_counter() - start)
                 lens = [n + 1 for n in lens]
+                now = _capacity(cache, case.batch)
+                work.append(now != mapped)
+                mapped = now
                 if step % 64 == 63:
                     ahead = max(ahead, cache.stats().pages_ahead)
         cache.wait()
         page_mib = cache.layout.page_size_bytes / 2**20
-    return {"iteration_s": iteration, "visible_s": visible, "ahead_mib": ahead * page_mib}
+    return {"iteration_s": iteration, "visible_s": visible, "work": work,
+            "ahead_mib": ahead * page_mib}
+
+
+def _capacity(cache: VirtualKVCache, batch: int) -> int:
+    """Tokens mapped over all slots: changes when a step plans pages."""
+    return sum(cache.capacity(slot) for slot in range(batch))
+
+
+def _join_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds as one run: iterations appended, the largest look-ahead."""
+    return {"iteration_s": [t for r in rounds for t in r["iteration_s"]],
+            "visible_s": [t for r in rounds for t in r["visible_s"]],
+            "work": [w for r in rounds for w in r["work"]],
+            "ahead_mib": max(r["ahead_mib"] for r in rounds)}
 
 
 def _loop_bytes(cache: VirtualKVCache, end: dict[int, int]) -> int:
@@ -133,6 +152,8 @@ def _loop_bytes(cache: VirtualKVCache, end: dict[int, int]) -> int:
 def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
               base: dict[str, Any] | None) -> dict[str, Any]:
     it, vis = r["iteration_s"], r["visible_s"]
+    worked = [t for t, w in zip(it, r["work"], strict=True) if w]
+    slowest = sorted(range(len(it)), key=it.__getitem__)[-max(1, len(it) // 1000):]
     row = {"case": case.name, "layout": layout, "mode": mode,
            "p50 ms": round(common.median(it) * 1e3, 3),
            "p99 ms": round(common.percentile(it, 99) * 1e3, 3),
@@ -140,7 +161,10 @@ def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
            "max ms": round(max(it) * 1e3, 2),
            "alloc visible p50 us": round(common.median(vis) * 1e6, 1),
            "alloc visible max us": round(max(vis) * 1e6, 1),
-           "MiB ahead (max)": round(r["ahead_mib"])}
+           "MiB ahead (max)": round(r["ahead_mib"]),
+           "iters mapping": len(worked),
+           "their p50 ms": round(common.median(worked) * 1e3, 3) if worked else "-",
+           "slowest 0.1% mapping": f"{sum(r['work'][i] for i in slowest)}/{len(slowest)}"}
     if base is not None:
         b = base["iteration_s"]
         row["p50 vs base"] = f"{common.median(it) / common.median(b) - 1:+.1%}"
@@ -160,7 +184,7 @@ def plot(path: str, series: dict[str, list[float]], title: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     for label, times in series.items():
         ax.plot([t * 1e3 for t in times], label=label, linewidth=0.8)
-    ax.set_xlabel("decode iteration")
+    ax.set_xlabel("decode iteration (rounds one after another)")
     ax.set_ylabel("iteration time (ms)")
     ax.set_yscale("log")
     ax.set_title(title)
@@ -176,6 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", default="per_layer,token_major")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=None, help="override per case")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of every mode, interleaved; percentiles pool them")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated; the first is the baseline")
     parser.add_argument("--precreate-gib", type=float, default=-1.0,
@@ -194,6 +220,8 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
     vm = open_backend(dev)
     header = common.environment(vm.describe())
     vm.close()
+    if args.rounds < 1:
+        raise InvalidArgument(f"--rounds must be >= 1, got {args.rounds}")
     emit(" | ".join(f"{k}: {v}" for k, v in header.items()))
     rows, raw = [], {}
     for key in args.cases.split(","):
@@ -203,8 +231,11 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
         for layout in args.layouts.split(","):
             modes = args.modes.split(",")
             precreate = -1 if args.precreate_gib < 0 else int(args.precreate_gib * 2**30)
-            results = {m: run_mode(device, layout, case, m, args.layers, precreate)
-                       for m in modes}
+            rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+            for _ in range(args.rounds):     # modes interleaved: they share host noise
+                for m in modes:
+                    rounds[m].append(run_mode(device, layout, case, m, args.layers, precreate))
+            results = {m: _join_rounds(rounds[m]) for m in modes}
             for mode in modes:
                 base = None if mode == modes[0] else results[modes[0]]
                 rows.append(summarize(layout, case, mode, results[mode], base))
