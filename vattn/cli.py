@@ -9,11 +9,24 @@ from collections.abc import Sequence
 
 import torch
 
-from vattn.bench import core, overlap
+from vattn.bench import alloc, core, overlap
 from vattn.config import resolve_device
 from vattn.driver import open_backend
 from vattn.errors import VattnError
 from vattn.views import byte_view
+
+BENCHES = {"alloc": alloc, "core": core, "overlap": overlap}
+
+
+def _emit(item: object) -> None:
+    """Print a line of text, or a rich renderable (a table)."""
+    if isinstance(item, str):
+        print(item)
+    else:
+        from rich.console import Console
+
+        # Piped output keeps whole tables (rich assumes 80 columns off a terminal).
+        Console(width=None if sys.stdout.isatty() else 160).print(item)
 
 
 def _default_device() -> str:
@@ -74,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="page size for the self-check, MiB (default 2)")
     p_bench = commands.add_parser("bench", help="benchmarks")
     benches = p_bench.add_subparsers(dest="bench", required=True)
-    for name, module in (("core", core), ("overlap", overlap)):
+    for name, module in BENCHES.items():
         doc = module.__doc__ or ""
         module.add_arguments(benches.add_parser(name, help=doc.splitlines()[0]))
     return parser
@@ -86,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return info(device, args.page_size_bytes)
-        return {"core": core, "overlap": overlap}[args.bench].run(args, device, print)
+        return BENCHES[args.bench].run(args, device, _emit)
     except VattnError as exc:
         print(f"vattn: error: {exc}", file=sys.stderr)
         return 1

@@ -57,8 +57,10 @@ class CudaVirtualMemory:
         self._enter()
         version = int(_check("cuDriverGetVersion", cu.cuDriverGetVersion()))
         name = _check("cuDeviceGetName", cu.cuDeviceGetName(256, self._cu_device))
+        api = f"CUDA driver API {version // 1000}.{version % 1000 // 10}"
+        kernel = _kernel_driver_version()
         return {"backend": "cuda", "device": name.split(b"\0", 1)[0].decode(),
-                "driver": f"CUDA driver API {version // 1000}.{version % 1000 // 10}"}
+                "driver": f"{kernel} ({api})" if kernel else api}
 
     def memory_info(self) -> tuple[int, int]:
         self._enter()
@@ -116,3 +118,13 @@ class CudaVirtualMemory:
             return
         _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
         self._local.context_set = True
+
+
+def _kernel_driver_version() -> str | None:
+    """The NVIDIA kernel module's version (e.g. 580.159.04), where Linux shows it."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            words = f.readline().split()
+    except OSError:
+        return None
+    return next((w for w in words if w[:1].isdigit() and w.count(".") >= 1), None)
