@@ -81,6 +81,11 @@ class Mapper:
         self.vm = vm
         self.layout = layout
         self.base_address = base_address
+        # The address arithmetic of `Layout.page_offset`, precomputed for the loops.
+        self._tensor_base = [base_address + layout.tensor_offset(t)
+                             for t in range(layout.num_tensors)]
+        self._slot_stride = layout.slot_stride_bytes
+        self._page = layout.page_size_bytes
 
     def map_runs(self, runs: Sequence[Run]) -> None:
         """Map ``rows[j][t]`` at page ``first_page + j`` of `slot` in tensor `t`, for each
@@ -89,16 +94,18 @@ class Mapper:
         Tensor by tensor, so addresses ascend (the driver maps faster in that order).
         All or nothing: on a failure every page this call mapped is unmapped again.
         """
-        page = self.layout.page_size_bytes
+        page, stride, vm = self._page, self._slot_stride, self.vm
         done: list[int] = []  # addresses mapped so far
         try:
-            for tensor in range(self.layout.num_tensors):
+            for tensor, tensor_base in enumerate(self._tensor_base):
                 for slot, first_page, rows in runs:
-                    start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
-                    for j, row in enumerate(rows):
-                        self.vm.map(start + j * page, page, row[tensor])
-                        done.append(start + j * page)
-                    self.vm.set_access(start, len(rows) * page)
+                    start = tensor_base + slot * stride + first_page * page
+                    address = start
+                    for row in rows:
+                        vm.map(address, page, row[tensor])
+                        done.append(address)
+                        address += page
+                    vm.set_access(start, len(rows) * page)
         except BaseException:
             for address in done:
                 _quietly(self.vm.unmap, address, page)
@@ -122,10 +129,10 @@ class Mapper:
 
     def pages(self, runs: Sequence[Run]) -> Iterator[tuple[int, int]]:
         """(address, handle) of every page of `runs`, tensor by tensor."""
-        page = self.layout.page_size_bytes
-        for tensor in range(self.layout.num_tensors):
+        page, stride = self._page, self._slot_stride
+        for tensor, tensor_base in enumerate(self._tensor_base):
             for slot, first_page, rows in runs:
-                start = self.base_address + self.layout.page_offset(tensor, slot, first_page)
+                start = tensor_base + slot * stride + first_page * page
                 for j, row in enumerate(rows):
                     yield start + j * page, row[tensor]
 

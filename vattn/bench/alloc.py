@@ -216,8 +216,10 @@ def bandwidth(device: str, w: Workload, repeats: int, advance: Callable[[], None
     row: dict[str, Any] = {"layout": w.layout, "page MiB": w.page_size_bytes // MiB,
                            "pages": num_pages, "MiB": nbytes // MiB}
     row.update({f"{p} GiB/s": round(nbytes / GiB / t[p], 1) for p in PATHS})
-    row["sync/raw"] = f"{t['raw'] / t['sync']:.1%}"
-    row["bg/raw"] = f"{t['raw'] / t['background']:.1%}"
+    for path, key in (("sync", "sync/raw"), ("background", "bg/raw")):
+        # Bandwidth ratio of each repeat's pair (timed back to back), then the median.
+        ratios = [r / v for r, v in zip(pooled["raw"], pooled[path], strict=True)]
+        row[key] = f"{common.median(ratios):.1%}"
     row["vattn us/page"] = round((t["sync"] - t["raw"]) / num_pages * 1e6, 2)
     row.update({f"{p} create incl.": round(nbytes / GiB / c[p], 1) for p in PATHS})
     row["raw unmap GiB/s"] = round(nbytes / GiB / common.median(unmap), 1)
@@ -312,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens each request maps (default: 4096 on cuda, 256 on cpu)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="pooled repeats per path (default: 7 on cuda, 3 on cpu)")
+                        help="pooled repeats per path (default: 15 on cuda, 3 on cpu)")
     parser.add_argument("--latency-calls", type=int, default=32,
                         help="single-page calls timed per kind and page size")
     parser.add_argument("--max-gib", type=float, default=None,
@@ -395,7 +397,7 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
     on_cuda = dev.type == "cuda"
     batch = args.batch if args.batch is not None else (4 if on_cuda else 2)
     tokens = args.tokens if args.tokens is not None else (4096 if on_cuda else 256)
-    repeats = args.repeats if args.repeats is not None else (7 if on_cuda else 3)
+    repeats = args.repeats if args.repeats is not None else (15 if on_cuda else 3)
     for name, value in (("batch", batch), ("tokens", tokens), ("repeats", repeats),
                         ("latency-calls", args.latency_calls),
                         ("decode-batch", args.decode_batch),
