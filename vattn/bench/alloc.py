@@ -381,6 +381,8 @@ def plot(path: str, rows: Sequence[dict[str, Any]], title: str) -> None:
         ax.plot(sizes, [r["sync create incl."] for r in mine], ":x",
                 label=f"sync create incl., {layout}")
     ax.set_xscale("log", base=2)
+    sizes = sorted({r["page MiB"] for r in rows})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("page size (MiB)")
     ax.set_ylabel("GiB/s mapped")
     ax.set_title(title)
