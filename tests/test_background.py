@@ -207,3 +207,27 @@ def test_a_dropped_cache_is_released_after_step_async() -> None:
         threading.Event().wait(0.01)
     assert alive() is None
     assert host_mapped_bytes(base, size) == 0
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "token_major"])
+def test_look_ahead_grows_in_few_large_jobs(layout: str) -> None:
+    # Low water 1500 tokens, high water 3000 (pages of 2048 / 1024 tokens): a slot
+    # decoding a token a step grows only when fewer than 1500 tokens are left, then to at
+    # least 3000 past its target, so growth comes at most every 1500 steps, several
+    # pages at once, and never leaves more than 3000 tokens plus a page mapped ahead.
+    with small_cache(layout=layout, read_slack=0, lookahead_tokens=1500,
+                     max_context_len=20000, memory_limit=200 * PAGE) as cache:
+        slot = cache.allocate()
+        lmax, page_tokens = cache.max_context_len, cache.layout.tokens_for_pages(1)
+        grew_at, capacity = [], 0
+        for tokens in range(1, lmax + 1):
+            cache.step({slot: tokens})
+            now = cache.capacity(slot)
+            assert now - tokens >= min(1500, lmax - tokens)
+            if now != capacity:
+                grew_at.append(tokens)
+                assert now - tokens >= min(3000, lmax - tokens)
+                assert now - tokens < 3000 + page_tokens
+                capacity = now
+        gaps = [b - a for a, b in zip(grew_at, grew_at[1:], strict=False)]
+        assert len(grew_at) >= 4 and min(gaps) >= 1500, grew_at

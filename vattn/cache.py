@@ -64,7 +64,7 @@ class VirtualKVCache:
                  device: str | torch.device = "cuda", *, layout: LayoutName = "token_major",
                  page_size_bytes: int = 2 << 20, memory_limit: int | None = None,
                  read_slack: int = 256, lookahead_tokens: int | None = None,
-                 lookahead_pages_per_step: int = 32, debug_fill_nan: bool = False,
+                 lookahead_pages_per_step: int = 64, debug_fill_nan: bool = False,
                  streams: list[torch.cuda.Stream] | None = None) -> None:
         self.config = CacheConfig(num_layers, num_kv_heads, head_dim, dtype, max_batch_size,
                                   max_context_len, resolve_device(device), layout,
@@ -151,10 +151,11 @@ class VirtualKVCache:
 
         `targets` maps slot -> tokens the slot must hold once the next forward pass has
         appended its tokens; `read_slack` more tokens are mapped behind them, and slots
-        within `lookahead_tokens` of their capacity grow ahead of need (a bounded number
-        of pages a step). Slots not named keep what they have; no slot shrinks. Joins
-        background work first. Raises `OutOfPages` with nothing changed when the pages
-        cannot be had (after waiting up to `pending_timeout_s` for fenced pages).
+        within `lookahead_tokens` of their capacity grow ahead of need to twice that
+        (a bounded number of pages a step). Slots not named keep what they have; no
+        slot shrinks. Joins background work first. Raises `OutOfPages` with nothing
+        changed when the pages cannot be had (after waiting up to `pending_timeout_s`
+        for fenced pages).
         """
         with self._lock:
             self._check_usable()
@@ -436,7 +437,7 @@ class VirtualKVCache:
                 continue                        # active, and its pages cover the target
             self._check_active(slot)
             need[slot] = self._pages_for(tokens)
-            ahead[slot] = self._pages_for(min(tokens + lookahead, lmax))
+            ahead[slot] = self._pages_for(min(tokens + 2 * lookahead, lmax))  # high water
         return need, ahead
 
     def _refresh_fits(self) -> None:

@@ -16,6 +16,8 @@ DEFAULT_READ_SLACK = 256
 past ``seqused_k`` (FlashAttention-3 reads up to 176)."""
 DEFAULT_MEMORY_FRACTION = 0.9
 """Share of the device's free memory a cache may map when no `memory_limit` is given."""
+DEFAULT_MIN_LOOKAHEAD = 256
+"""Smallest default look-ahead, in tokens (see `CacheConfig.lookahead_tokens`)."""
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -73,11 +75,15 @@ class CacheConfig:
     read_slack: int = DEFAULT_READ_SLACK
     """Tokens kept mapped past each slot's target, for kernels that read whole tiles."""
     lookahead_tokens: int | None = None
-    """Map a slot's next pages once its target comes within this many tokens of its
-    mapped capacity (less the read slack), ahead of need. Default: a quarter of the
-    tokens a page holds (256 for Llama-3-8B ``per_layer``, 8 for ``token_major``)."""
-    lookahead_pages_per_step: int = 32
-    """Physical pages one step may map ahead of need (about 1 ms of driver work), so
+    """Look-ahead: once a slot's target comes within this many tokens of its mapped
+    capacity (less the read slack), the slot grows ahead of need to hold twice this many
+    tokens past the target. The low and high water marks make the mapping come in
+    few, large jobs: each job has a fixed cost on the serving loop. Default: a quarter
+    of the tokens a page holds, at least 256 (256 for Llama-3-8B in both layouts: one
+    page row every 1024 steps with ``per_layer``, 8-9 pages a tensor every 256 steps
+    with ``token_major``)."""
+    lookahead_pages_per_step: int = 64
+    """Physical pages one step may map ahead of need (about 2 ms of driver work), so
     that many slots crossing a page boundary together are mapped over several steps."""
     debug_fill_nan: bool = False
     """Fill newly mapped pages with NaN, so a kernel reading past a length is caught."""
@@ -109,7 +115,7 @@ class CacheConfig:
         """`lookahead_tokens`, its default resolved."""
         if self.lookahead_tokens is not None:
             return self.lookahead_tokens
-        return max(1, self.make_layout().tokens_for_pages(1) // 4)
+        return max(DEFAULT_MIN_LOOKAHEAD, self.make_layout().tokens_for_pages(1) // 4)
 
     def make_layout(self) -> Layout:
         """The pure arithmetic of this configuration."""
