@@ -85,7 +85,8 @@ class DecodeLoop:
 def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
              precreate_bytes: int = 0) -> dict[str, Any]:
     """Per-iteration times of one mode; the cache is made and closed here."""
-    lookahead = 0 if mode == "sync" else None   # sync: on demand only, the Fig. 10 spikes
+    # sync: on demand only (the Fig. 10 spikes); premapped: nothing to map, ever
+    lookahead = None if mode.startswith("background") else 0
     with VirtualKVCache(num_layers=layers, num_kv_heads=HKV, head_dim=D,
                         dtype=torch.bfloat16, max_batch_size=case.batch,
                         max_context_len=case.context, device=device,
