@@ -1,0 +1,282 @@
+"""Flash-Decoding on the virtual cache: split-KV decode attention in Triton.
+
+One query token per request attends over that request's slot of a ``[slots, Lmax,
+Hkv, D]`` strided K/V view (both vattn layouts, any batch/sequence/head strides, last
+dim contiguous). Two launches::
+
+    _split_kernel   grid (splits, Hkv, B): each program takes the query heads of one KV
+                    head (GQA group packed into the MMA tile), a share of the request's
+                    KV blocks, and writes a partial output and its log2-sum-exp
+    _reduce_kernel  grid (Hq, B): rescales and sums the partials
+
+The grid depends on the SM count, the batch and ``Lmax`` only; each program finds its
+share of the blocks from the request's length on the device, and programs with no share
+exit at once. Nothing syncs with the host, so a decode step can be captured in a CUDA
+graph. Loads are masked to ``[start, length)``: no byte past a request's length is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vattn.errors import InvalidArgument
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 256
+
+
+@triton.jit
+def _attend_block(q, k_base, v_base, block, start, end, m_i, l_i, acc, stride_kl, stride_vl,
+                  qk_scale, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax over one block of BLOCK_N tokens: returns the new (m, l, acc)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = start + block * BLOCK_N + offs_n
+    n_mask = pos < end
+    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    pos64 = pos.to(tl.int64)[:, None]
+    k = tl.load(k_base + pos64 * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    v = tl.load(v_base + pos64 * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    qk_scale, num_slots, max_len, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, INTERPRETED: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    row = tl.program_id(2)
+
+    end = tl.minimum(tl.load(lens_ptr + row).to(tl.int32), max_len)
+    start = tl.load(starts_ptr + row).to(tl.int32) if HAS_STARTS else 0
+    start = tl.maximum(start, 0)
+    slot = tl.load(slots_ptr + row).to(tl.int64) if HAS_SLOTS else row.to(tl.int64)
+    valid = (slot >= 0) & (slot < num_slots)
+    end = tl.where(valid, end, start)           # a slot out of range reads nothing
+    slot = tl.where(valid, slot, 0)
+
+    num_blocks = tl.maximum(tl.cdiv(end - start, BLOCK_N), 0)
+    per_split = tl.cdiv(num_blocks, num_splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:          # the interpreter's bf16 tl.dot is wrong (triton 3.6): use fp32
+        q = q.to(tl.float32)
+    k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
+        block = first
+        while block < last:
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, block, start, end, m_i, l_i,
+                                          acc, stride_kl, stride_vl, qk_scale, HEAD_DIM,
+                                          UPCAST, BLOCK_N, BLOCK_D)
+            block += 1
+    else:
+        for block in range(first, last):
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, block, start, end, m_i, l_i,
+                                          acc, stride_kl, stride_vl, qk_scale, HEAD_DIM,
+                                          UPCAST, BLOCK_N, BLOCK_D)
+
+    has = l_i > 0
+    safe_l = tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(safe_l), float("-inf"))
+    tl.store(o_ptr + row * stride_ob + heads[:, None] * stride_oh + split * stride_os
+             + offs_d[None, :], acc / safe_l[:, None], mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + row * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    o_ptr, lse_ptr, out_ptr,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    stride_outb, stride_outh,
+    num_splits,
+    HEAD_DIM: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    head = tl.program_id(0)
+    row = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m = tl.full([1], float("-inf"), tl.float32)
+    denom = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for chunk in range(0, NUM_CHUNKS):
+        offs_s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        lse = tl.load(lse_ptr + row * stride_lb + head * stride_lh + offs_s,
+                      mask=offs_s < num_splits, other=float("-inf"))
+        live = lse > float("-inf")
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
+        w = tl.where(live, tl.exp2(lse - m_safe), 0.0)
+        o = tl.load(o_ptr + row * stride_ob + head * stride_oh + offs_s[:, None] * stride_os
+                    + offs_d[None, :], mask=live[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * scale + tl.sum(o * w[:, None], 0)
+        denom = denom * scale + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * stride_outb + head * stride_outh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4                 # the interpreter: a few splits, to exercise the reduction
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
+                   block_n: int) -> int:
+    """Splits of each request's KV: about two programs per SM over the whole batch,
+    from the SM count, the batch and ``Lmax`` only (never from the lengths)."""
+    want = triton.cdiv(2 * _sm_count(device), batch * num_kv_heads)
+    return max(1, min(want, triton.cdiv(max_len, block_n), MAX_SPLITS))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor, slots: torch.Tensor | None = None,
+                     starts: torch.Tensor | None = None, softmax_scale: float | None = None,
+                     out: torch.Tensor | None = None,
+                     num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention of one query token per request over its slot of the cache.
+
+    Args:
+        q: ``[B, Hq, D]`` bf16/fp16, last dim contiguous.
+        k_cache, v_cache: ``[num_slots, Lmax, Hkv, D]`` of q's dtype, any strides with the
+            last dim contiguous (``VirtualKVCache.kv(layer)`` in either layout).
+        cache_seqlens: ``[B]`` int32/int64, tokens of each request (the new token's K/V
+            already appended); values past ``Lmax`` are clamped.
+        slots: ``[B]`` int, the slot each query row reads (like FlashAttention's
+            ``cache_batch_idx``); default row ``b`` reads slot ``b``. A slot out of
+            range reads nothing (its output is zero).
+        starts: ``[B]`` int, the first token each row attends to (left padding, like
+            ``cache_leftpad``); default 0.
+        softmax_scale: default ``D ** -0.5``.
+        out: ``[B, Hq, D]`` of q's dtype to write into (for CUDA graphs); allocated if
+            None.
+        num_splits: override the split count (tests); default `num_splits_for`.
+
+    Returns ``[B, Hq, D]``: rows with nothing to attend to are zero.
+
+    Example::
+
+        k, v = cache.kv(layer)
+        o = decode_attention(q, k, v, lengths_int32, slots=slot_ids)
+    """
+    batch, num_heads, head_dim = _check(q, k_cache, v_cache, cache_seqlens, slots, starts)
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous "
+                              f"last dim, got {tuple(out.shape)} {out.dtype}")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, k_cache.shape[1],
+                                          block_n)
+    part = torch.empty(batch, num_heads, splits, head_dim, device=q.device,
+                       dtype=torch.float32)
+    lse = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
+    scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
+    dummy = cache_seqlens
+    _split_kernel[(splits, num_kv_heads, batch)](
+        q, k_cache, v_cache, cache_seqlens, slots if slots is not None else dummy,
+        starts if starts is not None else dummy, part, lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0), lse.stride(1),
+        scale, k_cache.shape[0], k_cache.shape[1], splits,
+        GROUP=group, HEAD_DIM=head_dim, HAS_SLOTS=slots is not None,
+        HAS_STARTS=starts is not None, INTERPRETED=_interpreted(),
+        UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8,
+        num_stages=2)
+    block_s = min(32, triton.next_power_of_2(splits))
+    _reduce_kernel[(num_heads, batch)](
+        part, lse, out,
+        part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        splits, HEAD_DIM=head_dim, NUM_CHUNKS=triton.cdiv(splits, block_s), BLOCK_S=block_s,
+        BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+           slots: torch.Tensor | None, starts: torch.Tensor | None) -> tuple[int, int, int]:
+    """Shapes, dtypes, strides and devices; returns (B, Hq, D)."""
+    if q.dim() != 3:
+        raise InvalidArgument(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    batch, num_heads, head_dim = q.shape
+    for name, t in (("k_cache", k), ("v_cache", v)):
+        if t.dim() != 4 or t.shape[3] != head_dim or t.shape != k.shape:
+            raise InvalidArgument(f"{name} must be [slots, Lmax, Hkv, {head_dim}] like "
+                                  f"k_cache, got {tuple(t.shape)}")
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgument(f"q, k_cache, v_cache must all be bf16 or all fp16, got "
+                              f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise InvalidArgument("q, k_cache and v_cache need a contiguous last dim")
+    if num_heads % k.shape[2]:
+        raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
+                              f"({k.shape[2]})")
+    for name, t in (("cache_seqlens", lens), ("slots", slots), ("starts", starts)):
+        if t is None:
+            continue
+        if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64):
+            raise InvalidArgument(f"{name} must be [{batch}] int32/int64, got "
+                                  f"{tuple(t.shape)} {t.dtype}")
+    for name, t in (("k_cache", k), ("v_cache", v), ("cache_seqlens", lens),
+                    ("slots", slots), ("starts", starts)):
+        if t is not None and t.device != q.device:
+            raise InvalidArgument(f"{name} is on {t.device}, q on {q.device}")
+    return batch, num_heads, head_dim
