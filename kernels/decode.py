@@ -31,9 +31,11 @@ MAX_SPLITS = 256
 
 
 @triton.jit
-def _attend_block(q, k_base, v_base, block, start, end, m_i, l_i, acc, stride_kl, stride_vl,
-                  qk_scale, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attend_block(  # type: ignore[no-untyped-def]
+    q, k_base, v_base, block, start, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
+    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Online softmax over one block of BLOCK_N tokens: returns the new (m, l, acc)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -57,7 +59,7 @@ def _attend_block(q, k_base, v_base, block, start, end, m_i, l_i, acc, stride_kl
 
 
 @triton.jit
-def _split_kernel(
+def _split_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh,
     stride_kb, stride_kl, stride_kh,
@@ -124,7 +126,7 @@ def _split_kernel(
 
 
 @triton.jit
-def _reduce_kernel(
+def _reduce_kernel(  # type: ignore[no-untyped-def]
     o_ptr, lse_ptr, out_ptr,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
@@ -163,7 +165,7 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4                 # the interpreter: a few splits, to exercise the reduction
@@ -269,14 +271,14 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     if num_heads % k.shape[2]:
         raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
                               f"({k.shape[2]})")
-    for name, t in (("cache_seqlens", lens), ("slots", slots), ("starts", starts)):
-        if t is None:
-            continue
-        if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64):
+    index: list[tuple[str, torch.Tensor | None]] = [
+        ("cache_seqlens", lens), ("slots", slots), ("starts", starts)]
+    for name, ints in index:
+        if ints is not None and (ints.shape != (batch,)
+                                 or ints.dtype not in (torch.int32, torch.int64)):
             raise InvalidArgument(f"{name} must be [{batch}] int32/int64, got "
-                                  f"{tuple(t.shape)} {t.dtype}")
-    for name, t in (("k_cache", k), ("v_cache", v), ("cache_seqlens", lens),
-                    ("slots", slots), ("starts", starts)):
-        if t is not None and t.device != q.device:
-            raise InvalidArgument(f"{name} is on {t.device}, q on {q.device}")
+                                  f"{tuple(ints.shape)} {ints.dtype}")
+    for name, tensor in [("k_cache", k), ("v_cache", v), *index]:
+        if tensor is not None and tensor.device != q.device:
+            raise InvalidArgument(f"{name} is on {tensor.device}, q on {q.device}")
     return batch, num_heads, head_dim

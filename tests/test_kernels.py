@@ -1,0 +1,236 @@
+"""`vattn.kernels` against a float32 torch reference, on a real `VirtualKVCache`.
+
+On a CPU the kernels run through the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1) on the host backend; the same tests run compiled on a GPU. Pages
+are mapped with no read slack and filled with NaN when mapped, lengths sit just past a
+page boundary and right at one (the next page unmapped), so a kernel that reads past a
+length either returns NaN or faults.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vattn import InvalidArgument, VirtualKVCache
+from vattn.kernels import append_kv, decode_attention
+from vattn.layout import LAYOUTS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PAGE = 64 << 10                 # 256 tokens (per_layer) / 128 tokens (token_major) a page
+HKV, D = 2, 64
+
+
+def make_cache(layout: str, dtype: torch.dtype, slots: int = 5,
+               max_context_len: int = 700) -> VirtualKVCache:
+    return VirtualKVCache(num_layers=2, num_kv_heads=HKV, head_dim=D, dtype=dtype,
+                          max_batch_size=slots, max_context_len=max_context_len,
+                          device=DEVICE, layout=layout,  # type: ignore[arg-type]
+                          page_size_bytes=PAGE, read_slack=0, lookahead_tokens=0,
+                          debug_fill_nan=True)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+              slots: list[int], starts: list[int], scale: float) -> torch.Tensor:
+    """float32 attention of each row over ``[start, length)`` of its slot (zero if empty)."""
+    batch, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[2]
+    out = torch.zeros(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    for row, (slot, start, end) in enumerate(zip(slots, starts, lengths, strict=True)):
+        if end <= start:
+            continue
+        keys = k[slot, start:end].float().repeat_interleave(group, dim=1)
+        values = v[slot, start:end].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[row].float(), keys) * scale
+        out[row] = torch.einsum("hl,lhd->hd", scores.softmax(-1), values)
+    return out
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-6)).item()
+
+
+def fill(cache: VirtualKVCache, layer: int, slots: list[int], lengths: list[int],
+         dtype: torch.dtype) -> None:
+    """Map each slot to its length and write fresh random K/V there via `append_kv`, in
+    two ragged appends per slot."""
+    cache.step({s: n for s, n in zip(slots, lengths, strict=True) if n > 0})
+    k, v = cache.kv(layer)
+    longest = max(lengths)
+    first = [n // 3 for n in lengths]
+    for positions, counts in ((torch.zeros(len(slots)), first),
+                              (first, [n - f for n, f in zip(lengths, first, strict=True)])):
+        new = torch.randn(2, len(slots), longest, HKV, D, device=DEVICE).to(dtype)
+        append_kv(k, v, new[0], new[1], _ints(positions), _ints(slots), _ints(counts))
+
+
+def _ints(values: object) -> torch.Tensor:
+    return torch.as_tensor(values, device=DEVICE).to(torch.int32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_matches_the_float32_reference(layout: str, dtype: torch.dtype) -> None:
+    page_tokens = PAGE // (HKV * D * dtype.itemsize * (2 if layout == "token_major" else 1))
+    with make_cache(layout, dtype) as cache:
+        slots = [cache.allocate() for _ in range(5)]
+        # One token; odd; just past a page; exactly a page (next page unmapped); long.
+        lengths = [1, 97, page_tokens + 1, 2 * page_tokens, 661]
+        fill(cache, 1, slots, lengths, dtype)
+        k, v = cache.kv(1)
+        rows = [4, 0, 2, 3, 1, 2]                      # a slot may serve several rows
+        row_slots = [slots[r] for r in rows]
+        row_lengths = [lengths[r] for r in rows]
+        starts = [0, 0, 7, page_tokens - 3, 0, 0]      # left padding
+        q = torch.randn(len(rows), 6, D, device=DEVICE).to(dtype)   # GQA group of 3
+        ref = reference(q, k, v, row_lengths, row_slots, starts, D ** -0.5)
+        for splits in (1, 3, None):
+            out = decode_attention(q, k, v, _ints(row_lengths), _ints(row_slots),
+                                   _ints(starts), num_splits=splits)
+            assert out.shape == q.shape and out.dtype == dtype
+            assert not torch.isnan(out).any()
+            assert relative_error(out, ref) < 1e-2, splits
+
+
+def test_rows_with_nothing_to_attend_are_zero() -> None:
+    with make_cache("token_major", torch.float16) as cache:
+        slot = cache.allocate()
+        fill(cache, 0, [slot], [50], torch.float16)
+        k, v = cache.kv(0)
+        q = torch.randn(3, 4, D, device=DEVICE).to(torch.float16)
+        # length 0; start past the length; a slot out of range
+        out = decode_attention(q, k, v, _ints([0, 50, 50]), _ints([slot, slot, 99]),
+                               _ints([0, 60, 0]))
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_default_slots_and_scale_and_preallocated_out() -> None:
+    with make_cache("per_layer", torch.bfloat16, slots=3) as cache:
+        slots = [cache.allocate() for _ in range(3)]
+        fill(cache, 0, slots, [30, 300, 5], torch.bfloat16)
+        k, v = cache.kv(0)
+        q = torch.randn(3, 2, D, device=DEVICE).to(torch.bfloat16)
+        out = torch.empty_like(q)
+        got = decode_attention(q, k, v, _ints([30, 300, 5]), softmax_scale=0.2, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        ref = reference(q, k, v, [30, 300, 5], [0, 1, 2], [0, 0, 0], 0.2)
+        assert relative_error(out, ref) < 1e-2
+
+
+def test_append_writes_only_its_tokens() -> None:
+    with make_cache("token_major", torch.float16, slots=3) as cache:
+        slots = [cache.allocate() for _ in range(3)]
+        cache.step(dict.fromkeys(slots, 300))
+        k, v = cache.kv(1)
+        before_k, before_v = k[:, :300].clone(), v[:, :300].clone()
+        new = torch.randn(2, 2, 8, HKV, D, device=DEVICE).to(torch.float16)
+        # Row 0 writes 8 tokens to slot 2 at 10; row 1 writes 3 of its 8 to slot 0 at 295.
+        append_kv(k, v, new[0], new[1], _ints([10, 295]), _ints([2, 0]), _ints([8, 3]))
+        expect_k, expect_v = before_k.clone(), before_v.clone()
+        expect_k[2, 10:18], expect_v[2, 10:18] = new[0, 0], new[1, 0]
+        expect_k[0, 295:298], expect_v[0, 295:298] = new[0, 1, :3], new[1, 1, :3]
+        # The rest is still the NaN the pages were filled with when mapped.
+        for got, expect in ((k[:, :300], expect_k), (v[:, :300], expect_v)):
+            assert torch.allclose(got, expect, rtol=0, atol=0, equal_nan=True)
+
+
+def test_append_never_writes_past_max_context_len() -> None:
+    with make_cache("per_layer", torch.float16, slots=1, max_context_len=256) as cache:
+        slot = cache.allocate()
+        lmax = cache.max_context_len
+        cache.step({slot: lmax})
+        k, v = cache.kv(0)
+        new = torch.randn(2, 1, 8, HKV, D, device=DEVICE).to(torch.float16)
+        append_kv(k, v, new[0], new[1], _ints([lmax - 3]), _ints([slot]))
+        assert torch.equal(k[slot, lmax - 3:], new[0, 0, :3])
+        assert torch.equal(v[slot, lmax - 3:], new[1, 0, :3])
+
+
+@pytest.mark.parametrize("change, message", [
+    ("fp32", "must all be bf16 or all fp16"),
+    ("mixed", "must all be bf16 or all fp16"),
+    ("heads", "must be a multiple of KV heads"),
+    ("q_shape", "q must be [B, Hq, D]"),
+    ("lengths", "cache_seqlens must be [2] int32/int64"),
+    ("strided", "contiguous last dim"),
+])
+def test_decode_refuses_bad_input(change: str, message: str) -> None:
+    k = torch.randn(3, 40, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 4, D, device=DEVICE).to(torch.float16)
+    lengths = _ints([5, 7])
+    if change == "fp32":
+        q, k, v = q.float(), k.float(), v.float()
+    elif change == "mixed":
+        q = q.to(torch.bfloat16)
+    elif change == "heads":
+        q = torch.randn(2, 3, D, device=DEVICE).to(torch.float16)
+    elif change == "q_shape":
+        q = q[:, None]
+    elif change == "lengths":
+        lengths = lengths.float()
+    elif change == "strided":
+        k = torch.randn(3, 40, HKV, 2 * D, device=DEVICE).to(torch.float16)[..., ::2]
+    with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
+        decode_attention(q, k, v, lengths)
+
+
+def test_append_refuses_bad_input() -> None:
+    k = torch.randn(3, 40, HKV, D, device=DEVICE).to(torch.float16)
+    new = torch.randn(2, 1, HKV + 1, D, device=DEVICE).to(torch.float16)
+    with pytest.raises(InvalidArgument, match="k_new and v_new must be"):
+        append_kv(k, k.clone(), new, new, _ints([0, 0]))
+    new = torch.randn(2, 1, HKV, D, device=DEVICE).to(torch.float16)
+    with pytest.raises(InvalidArgument, match="positions must be"):
+        append_kv(k, k.clone(), new, new, _ints([0, 0, 0]))
+
+
+@pytest.mark.gpu
+def test_decode_step_is_capturable_in_a_cuda_graph() -> None:
+    with make_cache("token_major", torch.bfloat16, slots=4, max_context_len=4096) as cache:
+        slots = [cache.allocate() for _ in range(4)]
+        fill(cache, 0, slots, [100, 2000, 4000, 7], torch.bfloat16)
+        k, v = cache.kv(0)
+        q = torch.randn(4, 8, D, device=DEVICE).to(torch.bfloat16)
+        lengths, slot_ids, out = _ints([1, 1, 1, 1]), _ints(slots), torch.empty_like(q)
+        decode_attention(q, k, v, lengths, slot_ids, out=out)      # compile outside
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode_attention(q, k, v, lengths, slot_ids, out=out)
+        for new in ([100, 2000, 4000, 7], [37, 1999, 1, 6]):
+            lengths.copy_(_ints(new))
+            q.copy_(torch.randn_like(q))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = reference(q, k, v, new, slots, [0] * 4, D ** -0.5)
+            assert relative_error(out, ref) < 1e-2
+
+
+# (lengths, batch, query heads per KV head, head dim): a pairwise sample of the sweep.
+SWEEP = [(1, 1, 1, 64), (54, 7, 4, 128), (97, 32, 8, 256), (512, 1, 8, 128),
+         (2048, 7, 1, 256), (16384, 32, 4, 64), (65536, 1, 4, 128), (54, 64, 1, 128),
+         (2048, 64, 8, 64), (16384, 1, 1, 256), (512, 32, 4, 128), (97, 1, 8, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length, batch, group, head_dim", SWEEP)
+def test_decode_sweep_on_the_gpu(length: int, batch: int, group: int, head_dim: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(length * 131 + batch)
+    num_kv = 2
+    lmax = length + 64
+    k = torch.randn(batch + 1, lmax, num_kv, head_dim, device="cuda", generator=gen,
+                    dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, group * num_kv, head_dim, device="cuda", generator=gen,
+                    dtype=torch.bfloat16)
+    lengths = torch.randint(1, length + 1, (batch,), device="cuda", generator=gen)
+    lengths[0] = length
+    slots = torch.randperm(batch + 1, device="cuda", generator=gen)[:batch]
+    out = decode_attention(q, k, v, lengths.int(), slots.int())
+    ref = torch.empty(batch, group * num_kv, head_dim, device="cuda")
+    for row in range(batch):             # one row at a time bounds the reference's memory
+        ref[row] = reference(q[row:row + 1], k[slots[row:row + 1]], v[slots[row:row + 1]],
+                             [int(lengths[row])], [0], [0], head_dim ** -0.5)[0]
+    assert not torch.isnan(out).any()
+    assert relative_error(out, ref) < 1e-2
