@@ -17,12 +17,16 @@ from vattn.kernels import append_kv, decode_attention
 from vattn.layout import LAYOUTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PAGE = 64 << 10                 # 256 tokens (per_layer) / 128 tokens (token_major) a page
+# The smallest page each backend maps: bf16/fp16 pages of 256 / 8192 tokens (per_layer),
+# 128 / 4096 tokens (token_major), on the host / on a GPU.
+PAGE = 2 << 20 if DEVICE == "cuda" else 64 << 10
 HKV, D = 2, 64
 
 
 def make_cache(layout: str, dtype: torch.dtype, slots: int = 5,
-               max_context_len: int = 700) -> VirtualKVCache:
+               max_context_len: int | None = None) -> VirtualKVCache:
+    if max_context_len is None:         # two pages and a bit, in either layout
+        max_context_len = 2 * PAGE // (HKV * D * dtype.itemsize) + 200
     return VirtualKVCache(num_layers=2, num_kv_heads=HKV, head_dim=D, dtype=dtype,
                           max_batch_size=slots, max_context_len=max_context_len,
                           device=DEVICE, layout=layout,  # type: ignore[arg-type]
@@ -75,7 +79,7 @@ def test_decode_matches_the_float32_reference(layout: str, dtype: torch.dtype) -
     with make_cache(layout, dtype) as cache:
         slots = [cache.allocate() for _ in range(5)]
         # One token; odd; just past a page; exactly a page (next page unmapped); long.
-        lengths = [1, 97, page_tokens + 1, 2 * page_tokens, 661]
+        lengths = [1, 97, page_tokens + 1, 2 * page_tokens, cache.max_context_len - 39]
         fill(cache, 1, slots, lengths, dtype)
         k, v = cache.kv(1)
         rows = [4, 0, 2, 3, 1, 2]                      # a slot may serve several rows
