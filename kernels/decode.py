@@ -32,18 +32,34 @@ MAX_SPLITS = 256
 
 @triton.jit
 def _attend_block(  # type: ignore[no-untyped-def]
-    q, k_base, v_base, block, start, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
-    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
+    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Online softmax over one block of BLOCK_N tokens: returns the new (m, l, acc)."""
+    """Online softmax over one tile of BLOCK_N tokens: returns the new (m, l, acc).
+
+    Contiguous (KV_BLOCK == 0): token `pos` is at ``base + pos * stride_l``. Paged (the
+    twin for the ablation): it is at ``base + table[pos // KV_BLOCK] * stride_b +
+    (pos % KV_BLOCK) * stride_l``; a block id out of range reads nothing.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     pos = start + block * BLOCK_N + offs_n
     n_mask = pos < end
+    if KV_BLOCK > 0:
+        block_id = tl.load(table + pos // KV_BLOCK, mask=n_mask, other=-1)
+        n_mask = n_mask & (block_id >= 0) & (block_id < num_kv_blocks)
+        block_id = tl.where(n_mask, block_id, 0).to(tl.int64)[:, None]
+        within = (pos % KV_BLOCK).to(tl.int64)[:, None]
+        k_off = block_id * stride_kb + within * stride_kl
+        v_off = block_id * stride_vb + within * stride_vl
+    else:
+        pos64 = pos.to(tl.int64)[:, None]
+        k_off = pos64 * stride_kl
+        v_off = pos64 * stride_vl
     kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    pos64 = pos.to(tl.int64)[:, None]
-    k = tl.load(k_base + pos64 * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -51,7 +67,7 @@ def _attend_block(  # type: ignore[no-untyped-def]
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    v = tl.load(v_base + pos64 * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -60,14 +76,14 @@ def _attend_block(  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _split_kernel(  # type: ignore[no-untyped-def]
-    q_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr,
-    stride_qb, stride_qh,
+    q_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, starts_ptr, table_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_tb,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     qk_scale, num_slots, max_len, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -79,9 +95,12 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     start = tl.load(starts_ptr + row).to(tl.int32) if HAS_STARTS else 0
     start = tl.maximum(start, 0)
     slot = tl.load(slots_ptr + row).to(tl.int64) if HAS_SLOTS else row.to(tl.int64)
-    valid = (slot >= 0) & (slot < num_slots)
-    end = tl.where(valid, end, start)           # a slot out of range reads nothing
-    slot = tl.where(valid, slot, 0)
+    if KV_BLOCK == 0:       # paged: num_slots counts KV blocks, checked per token
+        valid = (slot >= 0) & (slot < num_slots)
+        end = tl.where(valid, end, start)       # a slot out of range reads nothing
+        slot = tl.where(valid, slot, 0)
+    else:
+        slot = 0
 
     num_blocks = tl.maximum(tl.cdiv(end - start, BLOCK_N), 0)
     per_split = tl.cdiv(num_blocks, num_splits)
@@ -100,6 +119,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
         q = q.to(tl.float32)
     k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+    table = table_ptr + row * stride_tb
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -107,15 +127,17 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
         block = first
         while block < last:
-            m_i, l_i, acc = _attend_block(q, k_base, v_base, block, start, end, m_i, l_i,
-                                          acc, stride_kl, stride_vl, qk_scale, HEAD_DIM,
-                                          UPCAST, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_slots,
+                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, KV_BLOCK,
+                UPCAST, BLOCK_N, BLOCK_D)
             block += 1
     else:
         for block in range(first, last):
-            m_i, l_i, acc = _attend_block(q, k_base, v_base, block, start, end, m_i, l_i,
-                                          acc, stride_kl, stride_vl, qk_scale, HEAD_DIM,
-                                          UPCAST, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_slots,
+                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, KV_BLOCK,
+                UPCAST, BLOCK_N, BLOCK_D)
 
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
@@ -210,9 +232,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k, v = cache.kv(layer)
         o = decode_attention(q, k, v, lengths_int32, slots=slot_ids)
     """
-    batch, num_heads, head_dim = _check(q, k_cache, v_cache, cache_seqlens, slots, starts)
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    _check(q, k_cache, v_cache, cache_seqlens, slots, starts)
+    return launch(q, k_cache, v_cache, cache_seqlens, slots, starts, None, 0,
+                  k_cache.shape[0], k_cache.shape[1], softmax_scale, out, num_splits)
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+           slots: torch.Tensor | None, starts: torch.Tensor | None,
+           table: torch.Tensor | None, kv_block: int, num_slots: int, max_len: int,
+           softmax_scale: float | None, out: torch.Tensor | None,
+           num_splits: int | None) -> torch.Tensor:
+    """Both launches, on checked arguments. Contiguous (``kv_block == 0``): `k`, `v` are
+    ``[num_slots, max_len, Hkv, D]``. Paged: ``[num_slots blocks, kv_block, Hkv, D]``
+    and `table` ``[B, max_len // kv_block]`` holds each row's block ids."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -220,26 +254,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                               f"last dim, got {tuple(out.shape)} {out.dtype}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = 64 if block_d <= 128 else 32
-    splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, k_cache.shape[1],
-                                          block_n)
+    splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, block_n)
     part = torch.empty(batch, num_heads, splits, head_dim, device=q.device,
                        dtype=torch.float32)
     lse = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
     scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
-    dummy = cache_seqlens
     _split_kernel[(splits, num_kv_heads, batch)](
-        q, k_cache, v_cache, cache_seqlens, slots if slots is not None else dummy,
-        starts if starts is not None else dummy, part, lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q, k, v, lens, slots if slots is not None else lens,
+        starts if starts is not None else lens, table if table is not None else lens,
+        part, lse,
+        q.stride(0), q.stride(1), table.stride(0) if table is not None else 0,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        scale, k_cache.shape[0], k_cache.shape[1], splits,
-        GROUP=group, HEAD_DIM=head_dim, HAS_SLOTS=slots is not None,
-        HAS_STARTS=starts is not None, INTERPRETED=_interpreted(),
-        UPCAST=_interpreted() and q.dtype == torch.bfloat16,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        scale, num_slots, max_len, splits,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
+        HAS_SLOTS=slots is not None, HAS_STARTS=starts is not None,
+        INTERPRETED=_interpreted(), UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8,
         num_stages=2)
     block_s = min(32, triton.next_power_of_2(splits))
@@ -255,7 +288,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
            slots: torch.Tensor | None, starts: torch.Tensor | None) -> tuple[int, int, int]:
-    """Shapes, dtypes, strides and devices; returns (B, Hq, D)."""
+    """Shapes, dtypes, strides and devices (K/V as ``[N, L, Hkv, D]``); returns (B, Hq, D)."""
     if q.dim() != 3:
         raise InvalidArgument(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape

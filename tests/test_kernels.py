@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vattn import InvalidArgument, VirtualKVCache
-from vattn.kernels import append_kv, decode_attention
+from vattn.kernels import append_kv, decode_attention, paged_decode_attention
 from vattn.layout import LAYOUTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,3 +238,53 @@ def test_decode_sweep_on_the_gpu(length: int, batch: int, group: int, head_dim: 
                              [int(lengths[row])], [0], [0], head_dim ** -0.5)[0]
     assert not torch.isnan(out).any()
     assert relative_error(out, ref) < 1e-2
+
+
+def to_blocks(k: torch.Tensor, v: torch.Tensor, slots: list[int], lengths: list[int],
+              block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy each slot's first `length` tokens of K and V into shuffled blocks of a paged
+    cache (unused blocks and tails NaN); returns (k_blocks, v_blocks, block_table)."""
+    per_row = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(per_row) + 3
+    k_blocks = torch.full((num_blocks, block_size, *k.shape[2:]), float("nan"),
+                          dtype=k.dtype, device=k.device)
+    v_blocks = torch.full_like(k_blocks, float("nan"))
+    order = torch.randperm(num_blocks).tolist()
+    table = torch.full((len(slots), max(per_row) + 1), -1, dtype=torch.int32)
+    for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+        for j in range(per_row[row]):
+            block = order.pop()
+            table[row, j] = block
+            tokens = slice(j * block_size, min(n, (j + 1) * block_size))
+            count = tokens.stop - tokens.start
+            k_blocks[block, :count] = k[slot, tokens]
+            v_blocks[block, :count] = v[slot, tokens]
+    return k_blocks, v_blocks, table.to(k.device)
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_paged_twin_equals_the_contiguous_kernel(block_size: int) -> None:
+    dtype = torch.float16
+    with make_cache("per_layer", dtype, slots=4) as cache:
+        slots = [cache.allocate() for _ in range(4)]
+        lengths = [1, 97, 130, 600]
+        fill(cache, 0, slots, lengths, dtype)
+        k, v = cache.kv(0)
+        k_blocks, v_blocks, table = to_blocks(k, v, slots, lengths, block_size)
+        q = torch.randn(4, 4, D, device=DEVICE).to(dtype)
+        starts = [0, 3, 17, 0]
+        ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
+        paged = paged_decode_attention(q, k_blocks, v_blocks, table, _ints(lengths),
+                                       _ints(starts), num_splits=3)
+        dense = decode_attention(q, k, v, _ints(lengths), _ints(slots), _ints(starts),
+                                 num_splits=3)
+        assert not torch.isnan(paged).any()
+        assert relative_error(paged, ref) < 1e-2
+        assert torch.allclose(paged.float(), dense.float(), atol=2e-3, rtol=0)
+
+
+def test_paged_twin_refuses_a_bad_block_table() -> None:
+    blocks = torch.randn(4, 16, HKV, D, device=DEVICE).to(torch.float16)
+    q = torch.randn(2, 4, D, device=DEVICE).to(torch.float16)
+    with pytest.raises(InvalidArgument, match="block_table must be"):
+        paged_decode_attention(q, blocks, blocks, _ints([[0, 1, 2]]), _ints([5, 7]))

@@ -1,0 +1,52 @@
+"""The paged twin of `decode_attention`, for the ablation: the same kernel with a
+block-table indirection (vLLM's ``[num_blocks, block_size, Hkv, D]`` layout).
+
+Only the address of a token differs: ``table[pos // block_size]`` picks the block, so any
+difference in speed against the contiguous kernel is the cost of paging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vattn.errors import InvalidArgument
+from vattn.kernels.decode import _check, launch
+
+
+def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                           block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                           starts: torch.Tensor | None = None,
+                           softmax_scale: float | None = None,
+                           out: torch.Tensor | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention of one query token per request over paged K/V.
+
+    Args:
+        q: ``[B, Hq, D]`` bf16/fp16.
+        k_blocks, v_blocks: ``[num_blocks, block_size, Hkv, D]`` of q's dtype, last dim
+            contiguous.
+        block_table: ``[B, max_blocks]`` int32/int64, the blocks of each request in
+            order; ids out of ``[0, num_blocks)`` read nothing.
+        cache_seqlens: ``[B]`` int, tokens of each request (at most
+            ``max_blocks * block_size``; more are clamped).
+        starts, softmax_scale, out, num_splits: as in `decode_attention`.
+
+    Returns ``[B, Hq, D]``.
+
+    Example::
+
+        o = paged_decode_attention(q, k_blocks, v_blocks, block_table, lengths)
+    """
+    _check(q, k_blocks, v_blocks, cache_seqlens, None, starts)
+    batch = q.shape[0]
+    if (block_table.dim() != 2 or block_table.shape[0] != batch
+            or block_table.dtype not in (torch.int32, torch.int64)
+            or block_table.stride(1) != 1 or block_table.device != q.device):
+        raise InvalidArgument(f"block_table must be [{batch}, max_blocks] int32/int64 on "
+                              f"{q.device} with a contiguous last dim, got "
+                              f"{tuple(block_table.shape)} {block_table.dtype} on "
+                              f"{block_table.device}")
+    block_size = k_blocks.shape[1]
+    return launch(q, k_blocks, v_blocks, cache_seqlens, None, starts, block_table,
+                  block_size, k_blocks.shape[0], block_table.shape[1] * block_size,
+                  softmax_scale, out, num_splits)
