@@ -3,6 +3,9 @@
 - `decode_attention`: split-KV Flash-Decoding in Triton over ``[slots, Lmax, Hkv, D]``
   strided views, per-request lengths, slots and start offsets, GQA.
 - `append_kv`: one fused kernel writing new tokens' K and V at each request's position.
+- `flash_attention`: prefill chunks and decode through the best FlashAttention present
+  (FlashAttention-3, flash-attn, torch's bundled FA2, SDPA); the result names the
+  backend that ran.
 - `paged_decode_attention`: the same decode kernel behind a block table (the ablation's
   paged baseline, vLLM's block layout).
 
@@ -12,6 +15,8 @@ package of that name.
 
 from vattn.kernels.append import append_kv
 from vattn.kernels.decode import decode_attention, num_splits_for
+from vattn.kernels.flash import FlashResult, available_backends, flash_attention
 from vattn.kernels.paged import paged_decode_attention
 
-__all__ = ["append_kv", "decode_attention", "num_splits_for", "paged_decode_attention"]
+__all__ = ["FlashResult", "append_kv", "available_backends", "decode_attention",
+           "flash_attention", "num_splits_for", "paged_decode_attention"]

@@ -1,0 +1,175 @@
+"""One call for prefill chunks and decode on the unmodified cache, through the best
+FlashAttention present; the result says which backend ran.
+
+In order of preference:
+
+- ``flash-attn-3``: `flash_attn_interface.flash_attn_with_kvcache` (Hopper);
+- ``flash-attn``: the flash-attn package's `flash_attn_with_kvcache`;
+- ``torch-fa2``: the FlashAttention-2 bundled in torch
+  (`torch.ops.aten._flash_attention_forward`) in varlen mode on the ``[slots * Lmax,
+  Hkv, D]`` view of the cache, ``cum_seq_k = slot * Lmax``, ``seqused_k`` = lengths;
+- ``sdpa``: torch SDPA one request at a time (any device, the CPU included).
+
+The query chunk of each request sits at the end of its cached tokens: with
+``cache_seqlens[b] = n`` and ``Lq`` queries, query ``i`` is token ``n - Lq + i`` and, with
+`causal`, attends to tokens ``< n - Lq + i + 1``. Decode is ``Lq = 1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from vattn.errors import InvalidArgument
+
+Backend = Literal["flash-attn-3", "flash-attn", "torch-fa2", "sdpa"]
+BACKENDS: tuple[Backend, ...] = ("flash-attn-3", "flash-attn", "torch-fa2", "sdpa")
+
+
+@dataclass(slots=True, frozen=True)
+class FlashResult:
+    """What `flash_attention` returns."""
+
+    out: torch.Tensor
+    """``[B, Lq, Hq, D]``, q's dtype."""
+    backend: Backend
+    """The backend that ran."""
+
+
+def available_backends(device: torch.device) -> list[Backend]:
+    """The backends usable on `device`, best first."""
+    found: list[Backend] = []
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        if major == 9 and _kvcache_fn("flash_attn_interface") is not None:
+            found.append("flash-attn-3")
+        if _kvcache_fn("flash_attn") is not None:
+            found.append("flash-attn")
+        if major >= 8:
+            found.append("torch-fa2")
+    found.append("sdpa")
+    return found
+
+
+def flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cache_seqlens: torch.Tensor, slots: torch.Tensor | None = None,
+                    causal: bool = True, softmax_scale: float | None = None,
+                    backend: Backend | None = None) -> FlashResult:
+    """Attention of a chunk of ``Lq`` queries per request over its slot of the cache.
+
+    Args:
+        q: ``[B, Lq, Hq, D]`` bf16/fp16 (fp32 too with ``sdpa``), last dim contiguous.
+        k_cache, v_cache: ``[num_slots, Lmax, Hkv, D]`` views (``VirtualKVCache.kv``),
+            the chunk's own K/V already appended.
+        cache_seqlens: ``[B]`` int32, tokens of each request including the chunk.
+        slots: ``[B]`` int, the slot of each row (default row ``b`` is slot ``b``).
+        causal: mask future tokens, the chunk aligned to the end of the cache.
+        softmax_scale: default ``D ** -0.5``.
+        backend: force one of `available_backends` (default: the best).
+
+    Example::
+
+        k, v = cache.kv(layer)
+        result = flash_attention(q_chunk, k, v, lengths, slots)
+        result.out, result.backend      # e.g. "torch-fa2"
+    """
+    _check(q, k_cache, v_cache, cache_seqlens, slots)
+    usable = available_backends(q.device)
+    chosen = backend or usable[0]
+    if chosen not in usable:
+        raise InvalidArgument(f"backend {chosen!r} is not available on {q.device}; "
+                              f"available: {usable}")
+    if chosen != "sdpa" and q.dtype not in (torch.float16, torch.bfloat16):
+        raise InvalidArgument(f"{chosen} needs bf16 or fp16, got {q.dtype}")
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if slots is None:
+        slots = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
+    run: Callable[..., torch.Tensor] = {
+        "flash-attn-3": _flash_attn_package, "flash-attn": _flash_attn_package,
+        "torch-fa2": _torch_fa2, "sdpa": _sdpa}[chosen]
+    return FlashResult(run(q, k_cache, v_cache, cache_seqlens, slots, causal, scale, chosen),
+                       chosen)
+
+
+def _kvcache_fn(module: str) -> Callable[..., Any] | None:
+    try:
+        return getattr(importlib.import_module(module), "flash_attn_with_kvcache", None)
+    except Exception:       # absent, or built for another torch/CUDA: not usable
+        return None
+
+
+def _flash_attn_package(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        lens: torch.Tensor, slots: torch.Tensor, causal: bool, scale: float,
+                        backend: Backend) -> torch.Tensor:
+    fn = _kvcache_fn("flash_attn_interface" if backend == "flash-attn-3" else "flash_attn")
+    assert fn is not None
+    out = fn(q, k, v, cache_seqlens=lens.int(), cache_batch_idx=slots.int(), causal=causal,
+             softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _torch_fa2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+               slots: torch.Tensor, causal: bool, scale: float,
+               backend: Backend) -> torch.Tensor:
+    batch, num_q, num_heads, head_dim = q.shape
+    lmax = k.shape[1]
+    cu_q = torch.arange(0, (batch + 1) * num_q, num_q, device=q.device, dtype=torch.int32)
+    # Each row's keys start at its slot; cum_seq_k needs one more entry, never read past
+    # seqused_k: the end of the last row's slot.
+    cu_k = torch.cat([slots.int() * lmax, (slots[-1:].int() + 1) * lmax])
+    out = torch.ops.aten._flash_attention_forward(
+        q.reshape(batch * num_q, num_heads, head_dim), k.flatten(0, 1), v.flatten(0, 1),
+        cu_q, cu_k, num_q, lmax, 0.0, causal, False, scale=scale, seqused_k=lens.int())[0]
+    return out.view(batch, num_q, num_heads, head_dim)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+          slots: torch.Tensor, causal: bool, scale: float,
+          backend: Backend) -> torch.Tensor:
+    """One request at a time (the lengths are read on the host)."""
+    num_q = q.shape[1]
+    out = torch.empty_like(q)
+    for row, (slot, n) in enumerate(zip(slots.tolist(), lens.tolist(), strict=True)):
+        if n < num_q:
+            raise InvalidArgument(f"row {row}: cache_seqlens {n} < the chunk's {num_q} "
+                                  f"queries")
+        keys, values = k[slot, :n].transpose(0, 1), v[slot, :n].transpose(0, 1)
+        mask = None
+        if causal:       # query i sees tokens <= n - num_q + i
+            rows = torch.arange(num_q, device=q.device)[:, None] + (n - num_q)
+            mask = torch.arange(n, device=q.device)[None, :] <= rows
+        out[row] = torch.nn.functional.scaled_dot_product_attention(
+            q[row].transpose(0, 1), keys, values, attn_mask=mask, scale=scale,
+            enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+           slots: torch.Tensor | None) -> None:
+    if q.dim() != 4:
+        raise InvalidArgument(f"q must be [B, Lq, Hq, D], got shape {tuple(q.shape)}")
+    batch, _, num_heads, head_dim = q.shape
+    if k.dim() != 4 or v.shape != k.shape or k.shape[3] != head_dim:
+        raise InvalidArgument(f"k_cache and v_cache must be [slots, Lmax, Hkv, {head_dim}], "
+                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgument(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k.dtype}, "
+                              f"{v.dtype}")
+    if num_heads % k.shape[2]:
+        raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
+                              f"({k.shape[2]})")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise InvalidArgument("q, k_cache and v_cache need a contiguous last dim")
+    if k.stride(0) != k.shape[1] * k.stride(1) or v.stride(0) != v.shape[1] * v.stride(1):
+        raise InvalidArgument("the caches' slot stride must be Lmax * token stride (as "
+                              "VirtualKVCache views are), so that [slots * Lmax] views exist")
+    index: list[tuple[str, torch.Tensor | None]] = [("cache_seqlens", lens), ("slots", slots)]
+    for name, ints in index:
+        if ints is not None and (ints.shape != (batch,) or ints.dtype not in (
+                torch.int32, torch.int64) or ints.device != q.device):
+            raise InvalidArgument(f"{name} must be [{batch}] int32/int64 on {q.device}, got "
+                                  f"{tuple(ints.shape)} {ints.dtype} on {ints.device}")

@@ -1,0 +1,79 @@
+"""`vattn.kernels.flash_attention`: prefill chunks aligned to the end of the cached tokens,
+and decode, on a real cache, against a float32 reference; the backend it reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_kernels import DEVICE, HKV, D, _ints, fill, make_cache
+from vattn import InvalidArgument
+from vattn.kernels import available_backends, flash_attention
+from vattn.layout import LAYOUTS
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+              slots: list[int], causal: bool) -> torch.Tensor:
+    """float32: query i of row b is token n - Lq + i and sees tokens up to it."""
+    batch, num_q, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[2]
+    out = torch.empty(batch, num_q, num_heads, head_dim, device=q.device)
+    for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+        keys = k[slot, :n].float().repeat_interleave(group, dim=1)
+        values = v[slot, :n].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,lhd->hql", q[row].float(), keys) * head_dim ** -0.5
+        if causal:
+            seen = torch.arange(n, device=q.device)[None, :] <= (
+                torch.arange(num_q, device=q.device)[:, None] + n - num_q)
+            scores = scores.masked_fill(~seen, float("-inf"))
+        out[row] = torch.einsum("hql,lhd->qhd", scores.softmax(-1), values)
+    return out
+
+
+def best_backend() -> str:
+    return available_backends(torch.device(DEVICE))[0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("num_q, causal", [(1, True), (7, True), (7, False)])
+def test_chunk_and_decode_match_the_reference(layout: str, num_q: int, causal: bool) -> None:
+    dtype = torch.bfloat16
+    with make_cache(layout, dtype, slots=4) as cache:
+        slots = [cache.allocate() for _ in range(4)]
+        lengths = [7, 54, 97, 300]                  # the first row: its whole prompt
+        fill(cache, 1, slots, lengths, dtype)
+        k, v = cache.kv(1)
+        rows = [2, 0, 3]
+        q = torch.randn(len(rows), num_q, 4 * HKV, D, device=DEVICE).to(dtype)
+        row_slots, row_lengths = [slots[r] for r in rows], [lengths[r] for r in rows]
+        result = flash_attention(q, k, v, _ints(row_lengths), _ints(row_slots), causal=causal)
+        assert result.backend == best_backend()
+        ref = reference(q, k, v, row_lengths, row_slots, causal)
+        assert result.out.shape == q.shape and not torch.isnan(result.out).any()
+        err = ((result.out.float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2
+
+
+def test_sdpa_is_what_a_cpu_has() -> None:
+    assert available_backends(torch.device("cpu")) == ["sdpa"]
+
+
+@pytest.mark.gpu
+def test_torch_fa2_runs_when_no_flash_attn_package_is_installed() -> None:
+    backends = available_backends(torch.device("cuda"))
+    if "flash-attn" in backends or "flash-attn-3" in backends:
+        pytest.skip(f"a FlashAttention package is installed: {backends}")
+    assert backends[0] == "torch-fa2"
+
+
+def test_bad_input_is_refused() -> None:
+    k = torch.randn(2, 64, HKV, D).to(torch.float16)
+    q = torch.randn(1, 3, 4, D).to(torch.float16)
+    with pytest.raises(InvalidArgument, match="is not available"):
+        flash_attention(q, k, k, torch.tensor([9], dtype=torch.int32), backend="torch-fa2")
+    with pytest.raises(InvalidArgument, match=r"q must be \[B, Lq, Hq, D\]"):
+        flash_attention(q[0], k, k, torch.tensor([9], dtype=torch.int32))
+    with pytest.raises(InvalidArgument, match="slot stride must be Lmax"):
+        flash_attention(q, k[:, :32], k[:, :32], torch.tensor([9], dtype=torch.int32))
+    with pytest.raises(InvalidArgument, match="cache_seqlens 2 < the chunk's 3 queries"):
+        flash_attention(q, k, k, torch.tensor([2], dtype=torch.int32))
