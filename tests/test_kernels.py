@@ -288,3 +288,17 @@ def test_paged_twin_refuses_a_bad_block_table() -> None:
     q = torch.randn(2, 4, D, device=DEVICE).to(torch.float16)
     with pytest.raises(InvalidArgument, match="block_table must be"):
         paged_decode_attention(q, blocks, blocks, _ints([[0, 1, 2]]), _ints([5, 7]))
+
+
+@pytest.mark.parametrize("head_dim, group", [(128, 1), (256, 8), (64, 4), (128, 8)])
+def test_decode_head_dims_and_gqa_ratios(head_dim: int, group: int) -> None:
+    # Plain strided tensors: a [slots, Lmax, Hkv, D] slice of a wider buffer, so the
+    # sequence and slot strides are not the contiguous ones.
+    num_kv, lmax = 2, 75
+    base = torch.randn(3, lmax, num_kv + 1, head_dim, device=DEVICE).to(torch.float16)
+    k, v = base[:, :, :num_kv], torch.randn_like(base)[:, :, 1:]
+    q = torch.randn(4, group * num_kv, head_dim, device=DEVICE).to(torch.float16)
+    lengths, slots, starts = [75, 1, 33, 64], [2, 0, 1, 2], [0, 0, 5, 63]
+    out = decode_attention(q, k, v, _ints(lengths), _ints(slots), _ints(starts))
+    ref = reference(q, k, v, lengths, slots, starts, head_dim ** -0.5)
+    assert relative_error(out, ref) < 1e-2
