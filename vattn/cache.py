@@ -20,13 +20,14 @@ from collections.abc import Mapping
 import torch
 
 from vattn import driver
-from vattn.allocator import MapPlan, PageRun, SlotAllocator, SlotState
+from vattn.allocator import MapPlan, PageRun, SlotAllocator
 from vattn.config import DEFAULT_MEMORY_FRACTION, CacheConfig, resolve_device
 from vattn.errors import InvalidArgument, OutOfPages, VattnError
 from vattn.layout import LayoutName
 from vattn.mapper import CompletedFence, EventFence, Fence
 from vattn.resources import Pending, Resources
 from vattn.stats import CacheStats
+from vattn.targets import TargetIndex
 from vattn.views import byte_view, kv_views
 
 logger = logging.getLogger(__name__)
@@ -90,9 +91,8 @@ class VirtualKVCache:
                                      self.layout.num_tensors)
         self._free_fences: list[Fence] = [CompletedFence()] * max_batch_size
         self._targets: dict[int, int] = {}
-        self._lookahead = self.config.lookahead
+        self._index = TargetIndex(self.layout, self.config.read_slack, self.config.lookahead)
         self._inflight: MapPlan | None = None
-        self._refresh_fits()
         try:
             self._bytes = byte_view(self._res.base_address, self.layout.reservation_bytes,
                                     self.device)
@@ -111,7 +111,7 @@ class VirtualKVCache:
         with self._lock:
             self._check_usable()
             self._join()
-            pages = self._pages_for(num_tokens)
+            pages = self._index.pages_for(num_tokens)
             slot = self._policy.choose(pages)
             if slot is None:
                 return False
@@ -128,9 +128,9 @@ class VirtualKVCache:
         """
         with self._lock:
             self._check_usable()
-            slot = self._policy.allocate(self._pages_for(num_tokens))
+            slot = self._policy.allocate(self._index.pages_for(num_tokens))
             self._targets.pop(slot, None)
-            self._fits[slot] = self._fit(self._policy.slots[slot])
+            self._index.fits[slot] = self._index.fit(self._policy.slots[slot])
             return slot
 
     def free(self, slot: int) -> None:
@@ -143,7 +143,7 @@ class VirtualKVCache:
             self._check_usable()
             self._check_active(slot)
             self._policy.free(slot)
-            self._fits[slot] = -1
+            self._index.fits[slot] = -1
             self._free_fences[slot] = self._new_fence()
 
     def step(self, targets: Mapping[int, int]) -> None:
@@ -276,7 +276,7 @@ class VirtualKVCache:
                 pages_mapped=mapped,
                 pages_idle=self._policy.reclaimable(),
                 pages_ahead=tensors * sum(
-                    max(0, s.num_pages - self._pages_for(self._targets.get(b, 0)))
+                    max(0, s.num_pages - self._index.pages_for(self._targets.get(b, 0)))
                     for b, s in enumerate(slots) if s.active),
                 pages_pending=self._res.num_pending,
                 pages_free=pool.num_free,
@@ -324,14 +324,14 @@ class VirtualKVCache:
         """Validate `targets`, plan them and record the plan in the policy (the driver
         work follows; `_reconcile` undoes the record if it fails). With `reap`, pending
         pages whose fences completed are unmapped first, on this thread."""
-        need, ahead = self._needed_pages(targets)
+        need, ahead = self._index.needed(targets, self._check_active)
         if reap and self._res.pending:
             self._res.reap(block=False)
         plan = self._plan(need, ahead) if need else _NO_PLAN
         self._targets.update(targets)
         if not plan.empty:
             self._policy.apply(plan)
-            self._refresh_fits()
+            self._index.refresh(self._policy.slots)
         return plan
 
     def _plan(self, need: dict[int, int], ahead: dict[int, int]) -> MapPlan:
@@ -384,7 +384,7 @@ class VirtualKVCache:
         """After a failed execution: each slot of `plan` has the pages its rows hold."""
         for run in (*plan.reclaim, *plan.grow):
             self._policy.slots[run.slot].num_pages = len(self._res.rows[run.slot])
-        self._refresh_fits()
+        self._index.refresh(self._policy.slots)
 
     def _trim_idle(self, release: bool) -> int:
         """Move every idle slot's pages to pending (behind the slot's free fence) and
@@ -394,7 +394,7 @@ class VirtualKVCache:
             rows = self._res.take_rows(run)
             self._res.pending.append(Pending(self._free_fences[run.slot], run, rows, release))
         self._policy.apply(plan)
-        self._refresh_fits()
+        self._index.refresh(self._policy.slots)
         return self._res.reap(block=False)
 
     def _fill_nan(self, run: PageRun) -> None:
@@ -408,51 +408,6 @@ class VirtualKVCache:
         if self.device.type != "cuda":
             return CompletedFence()
         return EventFence(self._streams or [torch.cuda.current_stream(self.device)])
-
-    def _pages_for(self, num_tokens: int) -> int:
-        if (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)
-                or not 0 <= num_tokens <= self.max_context_len):
-            raise InvalidArgument(f"num_tokens must be an int in [0, {self.max_context_len}]"
-                                  f" (max_context_len), got {num_tokens!r}")
-        return self.layout.pages_for_tokens(num_tokens, self.config.read_slack)
-
-    def _needed_pages(self, targets: Mapping[int, int]) -> tuple[dict[int, int],
-                                                                 dict[int, int]]:
-        """Validated `step` targets that need pages or look-ahead, as slot -> pages per
-        tensor: (needed now, wanted with the look-ahead).
-
-        The hot path: a decode step names every active slot and almost none needs a
-        page, so each target is one comparison against the tokens its slot's pages
-        already cover (`_fits`); only the others go through the page arithmetic.
-        """
-        if not isinstance(targets, Mapping):
-            raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
-                                  f"got {type(targets).__name__}")
-        fits, num_slots = self._fits, len(self._fits)
-        lookahead, lmax = self._lookahead, self.max_context_len
-        need, ahead = {}, {}
-        for slot, tokens in targets.items():
-            if (type(slot) is int and 0 <= slot < num_slots and type(tokens) is int
-                    and 0 <= tokens <= fits[slot]):
-                continue                        # active, and its pages cover the target
-            self._check_active(slot)
-            need[slot] = self._pages_for(tokens)
-            ahead[slot] = self._pages_for(min(tokens + 2 * lookahead, lmax))  # high water
-        return need, ahead
-
-    def _refresh_fits(self) -> None:
-        """Recompute every slot's `_fit` (after any change to slots' pages)."""
-        self._fits = [self._fit(state) for state in self._policy.slots]
-
-    def _fit(self, state: SlotState) -> int:
-        """The largest target a slot's mapped pages cover, look-ahead included; -1 for a
-        free slot, so that naming it in `step` takes the slow path that rejects it."""
-        lay = self.layout
-        if not state.active:
-            return -1
-        if state.num_pages == lay.pages_per_slot:
-            return lay.max_context_len
-        return lay.tokens_for_pages(state.num_pages) - self.config.read_slack - self._lookahead
 
     def _check_streams(self, streams: list[torch.cuda.Stream] | None) -> list[torch.cuda.Stream]:
         streams = list(streams or [])
