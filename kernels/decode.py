@@ -95,7 +95,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     start = tl.load(starts_ptr + row).to(tl.int32) if HAS_STARTS else 0
     start = tl.maximum(start, 0)
     slot = tl.load(slots_ptr + row).to(tl.int64) if HAS_SLOTS else row.to(tl.int64)
-    if KV_BLOCK == 0:       # paged: num_slots counts KV blocks, checked per token
+    if KV_BLOCK == 0:       # a slot out of range reads nothing (paged: ids checked per token)
         valid = (slot >= 0) & (slot < num_slots)
         end = tl.where(valid, end, start)       # a slot out of range reads nothing
         slot = tl.where(valid, slot, 0)
