@@ -232,7 +232,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k, v = cache.kv(layer)
         o = decode_attention(q, k, v, lengths_int32, slots=slot_ids)
     """
-    _check(q, k_cache, v_cache, cache_seqlens, slots, starts)
+    check_inputs(q, k_cache, v_cache, cache_seqlens, slots, starts)
     return launch(q, k_cache, v_cache, cache_seqlens, slots, starts, None, 0,
                   k_cache.shape[0], k_cache.shape[1], softmax_scale, out, num_splits)
 
@@ -286,9 +286,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     return out
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
-           slots: torch.Tensor | None, starts: torch.Tensor | None) -> tuple[int, int, int]:
-    """Shapes, dtypes, strides and devices (K/V as ``[N, L, Hkv, D]``); returns (B, Hq, D)."""
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+                 slots: torch.Tensor | None, starts: torch.Tensor | None) -> None:
+    """Shapes, dtypes, strides and devices (K/V as ``[N, L, Hkv, D]``)."""
     if q.dim() != 3:
         raise InvalidArgument(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape
@@ -314,4 +314,3 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     for name, tensor in [("k_cache", k), ("v_cache", v), *index]:
         if tensor is not None and tensor.device != q.device:
             raise InvalidArgument(f"{name} is on {tensor.device}, q on {q.device}")
-    return batch, num_heads, head_dim

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from vattn.errors import InvalidArgument
-from vattn.kernels.decode import _check, launch
+from vattn.kernels.decode import check_inputs, launch
 
 
 def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
@@ -37,7 +37,7 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
 
         o = paged_decode_attention(q, k_blocks, v_blocks, block_table, lengths)
     """
-    _check(q, k_blocks, v_blocks, cache_seqlens, None, starts)
+    check_inputs(q, k_blocks, v_blocks, cache_seqlens, None, starts)
     batch = q.shape[0]
     if (block_table.dim() != 2 or block_table.shape[0] != batch
             or block_table.dtype not in (torch.int32, torch.int64)

@@ -436,7 +436,7 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
         int(0.5 * free) if on_cuda else min(GiB, free // 4))
     header.update({"model": model.name, "batch": str(batch), "tokens": str(tokens),
                    "repeats": str(repeats)})
-    emit(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    emit(common.header_line(header))
     rows, skipped, lat = [], [], []
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     steps = len(workloads) * (min(3, repeats) + repeats) + len(sizes)

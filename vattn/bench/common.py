@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 import vattn
+from vattn.driver import open_backend
+from vattn.errors import InvalidArgument
 
 
 def _version(package: str) -> str:
@@ -52,6 +54,25 @@ def environment(backend: dict[str, str]) -> dict[str, str]:
         "cuda-bindings": _version("cuda-bindings"),
         "triton": _version("triton"),
     }
+
+
+def device_environment(device: torch.device) -> dict[str, str]:
+    """`environment` for the backend that serves `device` (opened and closed here)."""
+    vm = open_backend(device)
+    try:
+        return environment(vm.describe())
+    finally:
+        vm.close()
+
+
+def header_line(header: dict[str, str]) -> str:
+    """The environment as the one line every benchmark prints first."""
+    return " | ".join(f"{key}: {value}" for key, value in header.items())
+
+
+def require_cuda(device: torch.device, bench: str) -> None:
+    if device.type != "cuda":
+        raise InvalidArgument(f"vattn bench {bench} needs a CUDA device, got {str(device)!r}")
 
 
 @contextmanager

@@ -13,7 +13,6 @@ import torch
 
 from vattn.bench import common
 from vattn.cache import VirtualKVCache
-from vattn.driver import open_backend
 
 LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "num_q_heads": 32}
 GiB = 1 << 30
@@ -146,10 +145,8 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
     from vattn.config import resolve_device
 
     dev = resolve_device(device)
-    vm = open_backend(dev)
-    header = common.environment(vm.describe())
-    vm.close()
-    emit(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    header = common.device_environment(dev)
+    emit(common.header_line(header))
     layouts = ["per_layer", "token_major"]
     results: dict[str, Any] = {"environment": header}
     results["bulk_map"] = [bulk_map(device, lay, 4096, args.repeats) for lay in layouts]

@@ -30,7 +30,6 @@ import torch
 from vattn.bench import common
 from vattn.cache import VirtualKVCache
 from vattn.config import resolve_device
-from vattn.driver import open_backend
 from vattn.errors import InvalidArgument
 
 L2_COLD_BYTES = 256 << 20       # KV read per rotation: several times any L2 of today
@@ -120,8 +119,7 @@ class Workload:
         cache maps `read_slack` beyond every length); the kernel masks them."""
         from vattn.kernels import paged_decode_attention
 
-        layers = min(self.cache.config.num_layers,
-                     max(2, -(-L2_COLD_BYTES // self.kv_bytes)))
+        layers = min(self.cache.config.num_layers, layers_for_cold_l2(self.kv_bytes, 2))
         per_row = [-(-n // block_size) for n in self.lengths]
         order = torch.randperm(sum(per_row), generator=torch.Generator().manual_seed(7))
         table = torch.zeros(len(self.lengths), max(per_row), dtype=torch.int32)
@@ -149,6 +147,7 @@ class Workload:
 
 
 def layers_for_cold_l2(kv_bytes_per_layer: int, at_least: int) -> int:
+    """Layers to rotate over so that one rotation reads `L2_COLD_BYTES` (at most 512)."""
     return max(at_least, min(512, -(-L2_COLD_BYTES // max(1, kv_bytes_per_layer))))
 
 
@@ -181,17 +180,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> int:
     """Run the benchmark; `emit` shows each finished part (the CLI prints it)."""
     dev = resolve_device(device)
-    if dev.type != "cuda":
-        raise InvalidArgument(f"vattn bench decode needs a CUDA device, got {device!r}")
+    common.require_cuda(dev, "decode")
     if args.repeats < 1:
         raise InvalidArgument(f"--repeats must be >= 1, got {args.repeats}")
-    vm = open_backend(dev)
-    header = common.environment(vm.describe())
-    vm.close()
+    header = common.device_environment(dev)
     bandwidth, floor = read_bandwidth(dev), launch_floor(dev)
     header.update({"read bandwidth TB/s": f"{bandwidth / 1e12:.2f}",
                    "two-launch floor us": f"{floor * 1e6:.1f}"})
-    emit(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    emit(common.header_line(header))
     blocks = tuple(int(b) for b in args.paged_blocks.split(",") if b)
     rows: list[dict[str, Any]] = []
     cases = args.cases.split(",")

@@ -21,7 +21,6 @@ import torch
 from vattn.bench import common
 from vattn.cache import VirtualKVCache
 from vattn.config import resolve_device
-from vattn.driver import open_backend
 from vattn.errors import InvalidArgument
 
 HQ, HKV, D, HIDDEN, FFN = 32, 8, 128, 4096, 14336
@@ -229,14 +228,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> int:
     """Run the benchmark; `emit` shows each finished part (the CLI prints it)."""
     dev = resolve_device(device)
-    if dev.type != "cuda":
-        raise InvalidArgument(f"vattn bench overlap needs a CUDA device, got {device!r}")
-    vm = open_backend(dev)
-    header = common.environment(vm.describe())
-    vm.close()
+    common.require_cuda(dev, "overlap")
+    header = common.device_environment(dev)
     if args.rounds < 1:
         raise InvalidArgument(f"--rounds must be >= 1, got {args.rounds}")
-    emit(" | ".join(f"{k}: {v}" for k, v in header.items()))
+    emit(common.header_line(header))
     rows, raw = [], {}
     for key in args.cases.split(","):
         case = CASES[key]
