@@ -14,9 +14,9 @@ package of that name.
 """
 
 from vattn.kernels.append import append_kv
-from vattn.kernels.decode import decode_attention, num_splits_for
+from vattn.kernels.decode import Tiling, decode_attention, default_tiling, num_splits_for
 from vattn.kernels.flash import FlashResult, available_backends, flash_attention
 from vattn.kernels.paged import paged_decode_attention
 
-__all__ = ["FlashResult", "append_kv", "available_backends", "decode_attention",
-           "flash_attention", "num_splits_for", "paged_decode_attention"]
+__all__ = ["FlashResult", "Tiling", "append_kv", "available_backends", "decode_attention",
+           "default_tiling", "flash_attention", "num_splits_for", "paged_decode_attention"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -194,12 +195,42 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@dataclass(slots=True, frozen=True)
+class Tiling:
+    """How `decode_attention` cuts its work; `default_tiling` picks one per head dim."""
+
+    block_n: int
+    """Tokens per tile of K/V (a power of two, >= 16)."""
+    num_warps: int
+    """Warps per split program."""
+    num_stages: int
+    """Software-pipelining depth of the tile loop."""
+    programs_per_sm: int
+    """Split programs over the whole batch per SM: sets the split count."""
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ValueError(f"num_stages and programs_per_sm must be >= 1, got "
+                             f"{self.num_stages} and {self.programs_per_sm}")
+
+
+def default_tiling(head_dim: int) -> Tiling:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_d <= 128:
+        return Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
+    return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
+
+
 def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
-                   block_n: int) -> int:
-    """Splits of each request's KV: about two programs per SM over the whole batch,
-    from the SM count, the batch and ``Lmax`` only (never from the lengths)."""
-    want = triton.cdiv(2 * _sm_count(device), batch * num_kv_heads)
-    return max(1, min(want, triton.cdiv(max_len, block_n), MAX_SPLITS))
+                   tiling: Tiling) -> int:
+    """Splits of each request's KV: `tiling.programs_per_sm` programs per SM over the
+    whole batch, from the SM count, the batch and ``Lmax`` only (never the lengths)."""
+    want = triton.cdiv(tiling.programs_per_sm * _sm_count(device), batch * num_kv_heads)
+    return max(1, min(want, triton.cdiv(max_len, tiling.block_n), MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -241,10 +272,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
            slots: torch.Tensor | None, starts: torch.Tensor | None,
            table: torch.Tensor | None, kv_block: int, num_slots: int, max_len: int,
            softmax_scale: float | None, out: torch.Tensor | None,
-           num_splits: int | None) -> torch.Tensor:
+           num_splits: int | None, tiling: Tiling | None = None) -> torch.Tensor:
     """Both launches, on checked arguments. Contiguous (``kv_block == 0``): `k`, `v` are
     ``[num_slots, max_len, Hkv, D]``. Paged: ``[num_slots blocks, kv_block, Hkv, D]``
-    and `table` ``[B, max_len // kv_block]`` holds each row's block ids."""
+    and `table` ``[B, max_len // kv_block]`` holds each row's block ids. `tiling`
+    overrides `default_tiling` (the tuning sweep)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     if out is None:
@@ -253,8 +285,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous "
                               f"last dim, got {tuple(out.shape)} {out.dtype}")
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if block_d <= 128 else 32
-    splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, block_n)
+    tiling = tiling or default_tiling(head_dim)
+    splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, tiling)
     part = torch.empty(batch, num_heads, splits, head_dim, device=q.device,
                        dtype=torch.float32)
     lse = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
@@ -273,8 +305,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         HAS_SLOTS=slots is not None, HAS_STARTS=starts is not None,
         INTERPRETED=_interpreted(), UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8,
-        num_stages=2)
+        BLOCK_N=tiling.block_n, BLOCK_D=block_d, num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages)
     block_s = min(32, triton.next_power_of_2(splits))
     _reduce_kernel[(num_heads, batch)](
         part, lse, out,

@@ -1,0 +1,109 @@
+"""Sweep the decode kernel's tiling (tokens per tile, warps, stages, programs per SM) on
+the shapes of `vattn bench decode`, GPU time from CUDA-graph replays over a cold L2.
+
+Each configuration's output is checked against the default tiling's before it is timed.
+Prints one Markdown table per shape (fastest first) and a summary of the best tiling
+against the default; ``--json PATH`` keeps every timing.
+
+    python3 benchmarks/tune_decode.py --json tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+from typing import Any
+
+import torch
+
+from vattn.bench import common
+from vattn.bench.decode import layers_for_cold_l2
+from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch
+
+# (name, batch, query heads, KV heads, head dim, context, equal lengths)
+SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-32k", 1, 16, 2, 128, 32768, True),
+          ("a-64k", 1, 16, 2, 128, 65536, True), ("b-1", 1, 32, 8, 128, 16384, True),
+          ("b-4", 4, 32, 8, 128, 16384, True), ("b-8", 8, 32, 8, 128, 16384, True),
+          ("b-8-unequal", 8, 32, 8, 128, 16384, False), ("b-32", 32, 32, 8, 128, 16384, True),
+          ("b-32-unequal", 32, 32, 8, 128, 16384, False)]
+
+
+def tilings(quick: bool) -> list[Tiling]:
+    grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4, 8))
+    if quick:
+        grid = itertools.product((64,), (4,), (2,), (2,))
+    return [Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
+            for n, w, s, p in grid]
+
+
+def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int) -> list[dict[str, Any]]:
+    name, batch, num_q, num_kv, head_dim, context, equal = shape
+    gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
+    lengths = (torch.full((batch,), context, device="cuda") if equal else
+               torch.randint(1, context + 1, (batch,), device="cuda", generator=gen))
+    lens = lengths.int()
+    kv_bytes = 2 * int(lengths.sum()) * num_kv * head_dim * 2
+    layers = layers_for_cold_l2(kv_bytes, 2)
+    kv = [torch.randn(2, batch, context, num_kv, head_dim, device="cuda", generator=gen,
+                      dtype=torch.bfloat16) for _ in range(layers)]
+    q = torch.randn(batch, num_q, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+    check_inputs(q, kv[0][0], kv[0][1], lens, None, None)
+
+    def call(layer: int, tiling: Tiling) -> torch.Tensor:
+        k, v = kv[layer]
+        return launch(q, k, v, lens, None, None, None, 0, batch, context, None, None, None,
+                      tiling)
+
+    expected = call(0, default_tiling(head_dim)).float()
+    rows = []
+    for tiling in configs:
+        got = call(0, tiling).float()
+        error = ((got - expected).norm() / expected.norm()).item()
+        if not error < 1e-2:
+            raise AssertionError(f"{name} {tiling}: relative error {error} against default")
+        seconds = common.median(common.graph_times(
+            [functools.partial(call, layer, tiling=tiling) for layer in range(layers)],
+            repeats))
+        rows.append({"shape": name, "block_n": tiling.block_n, "warps": tiling.num_warps,
+                     "stages": tiling.num_stages, "per_sm": tiling.programs_per_sm,
+                     "us": round(seconds * 1e6, 1),
+                     "TB/s": round(kv_bytes / seconds / 1e12, 2)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="one tiling (a smoke test)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    common.require_cuda(torch.device("cuda"), "tune_decode")
+    header = common.device_environment(torch.device("cuda"))
+    print(common.header_line(header))
+    configs = tilings(args.quick)
+    wanted = args.shapes.split(",")
+    rows: list[dict[str, Any]] = []
+    summary = []
+    for shape in (s for s in SHAPES if s[0] in wanted):
+        mine = sorted(sweep(shape, configs, args.repeats), key=lambda r: r["us"])
+        rows += mine
+        torch.cuda.empty_cache()
+        print(f"\n{shape[0]}\n" + common.markdown_table(mine[:8]), flush=True)
+        default = default_tiling(shape[4])
+        base = next(r for r in mine if (r["block_n"], r["warps"], r["stages"], r["per_sm"])
+                    == (default.block_n, default.num_warps, default.num_stages,
+                        default.programs_per_sm))
+        summary.append({"shape": shape[0], "default us": base["us"], "best us": mine[0]["us"],
+                        "best": f"n{mine[0]['block_n']} w{mine[0]['warps']} "
+                                f"s{mine[0]['stages']} p{mine[0]['per_sm']}",
+                        "default/best": f"{base['us'] / mine[0]['us']:.2f}"})
+    print("\n" + common.markdown_table(summary))
+    if args.json:
+        common.write_json(args.json, {"environment": header, "rows": rows,
+                                      "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
