@@ -4,15 +4,17 @@ One query token per request attends over that request's slot of a ``[slots, Lmax
 Hkv, D]`` strided K/V view (both vattn layouts, any batch/sequence/head strides, last
 dim contiguous). Two launches::
 
-    _split_kernel   grid (splits, Hkv, B): each program takes the query heads of one KV
-                    head (GQA group packed into the MMA tile), a share of the request's
-                    KV blocks, and writes a partial output and its log2-sum-exp
-    _reduce_kernel  grid (Hq, B): rescales and sums the partials
+    _split_kernel   grid (num_splits + B, Hkv): each program takes the query heads of one
+                    KV head (GQA group packed into the MMA tile) and one chunk of one
+                    request's KV, and writes a partial output and its log2-sum-exp
+    _reduce_kernel  grid (Hq, B): rescales and sums the partials of each request
 
-The grid depends on the SM count, the batch and ``Lmax`` only; each program finds its
-share of the blocks from the request's length on the device, and programs with no share
-exit at once. Nothing syncs with the host, so a decode step can be captured in a CUDA
-graph. Loads are masked to ``[start, length)``: no byte past a request's length is read.
+The grid depends on the SM count, the batch and the KV heads only. The chunks are cut
+on the device, from the lengths (`_schedule`): the batch's KV is cut into about
+``num_splits`` chunks of equal size, so that a long request gets more programs than a
+short one and unequal lengths keep every SM busy; programs past the last chunk exit at
+once. Nothing syncs with the host, so a decode step can be captured in a CUDA graph.
+Loads are masked to ``[start, length)``: no byte past a request's length is read.
 """
 
 from __future__ import annotations
@@ -28,7 +30,47 @@ import triton.language as tl
 from vattn.errors import InvalidArgument
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 256
+MAX_SPLITS = 1024
+MAX_BATCH = 4096        # rows a launch schedules (each program reads every row's length)
+
+
+@triton.jit
+def _schedule(  # type: ignore[no-untyped-def]
+    lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
+    HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per row (a vector over the batch): its first token, its end, the KV blocks of
+    BLOCK_N tokens in each of its chunks, its chunk count, and the running count of
+    chunks up to and including it. Every program computes the same schedule.
+
+    The batch's ``T`` blocks are cut into chunks of about ``C = ceil(T / num_splits)``
+    blocks: a row of ``w`` blocks gets ``ceil(w / (C + C/8))`` equal chunks (an eighth
+    longer is allowed, so that a row near ``C`` is not cut into a chunk and a sliver).
+    In all there are at most ``num_splits + batch`` chunks.
+    """
+    rows = tl.arange(0, BLOCK_B)
+    in_batch = rows < batch
+    end = tl.minimum(tl.load(lens_ptr + rows, mask=in_batch, other=0).to(tl.int32), max_len)
+    if HAS_STARTS:
+        start = tl.maximum(tl.load(starts_ptr + rows, mask=in_batch, other=0).to(tl.int32), 0)
+    else:
+        start = tl.zeros([BLOCK_B], tl.int32)
+    if CHECK_SLOTS:     # a slot out of range reads nothing
+        slot = tl.load(slots_ptr + rows, mask=in_batch, other=0)
+        end = tl.where((slot >= 0) & (slot < num_slots), end, start)
+    blocks = tl.where(in_batch & (end > start), tl.cdiv(end - start, BLOCK_N), 0)
+    chunk = tl.maximum(tl.cdiv(tl.sum(blocks, 0), num_splits), 1)
+    pieces = tl.cdiv(blocks, chunk + chunk // 8)
+    per_chunk = tl.cdiv(blocks, tl.maximum(pieces, 1))
+    count = tl.cdiv(blocks, tl.maximum(per_chunk, 1))
+    return start, end, per_chunk, count, tl.cumsum(count, 0)
+
+
+@triton.jit
+def _pick(values, rows, row):  # type: ignore[no-untyped-def]
+    """``values[row]`` of a vector over the batch, as a scalar."""
+    return tl.sum(tl.where(rows == row, values, 0), 0)
 
 
 @triton.jit
@@ -81,32 +123,35 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     stride_qb, stride_qh, stride_tb,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    qk_scale, num_slots, max_len, num_splits,
+    stride_op, stride_oh, stride_lp,
+    qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, INTERPRETED: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHECK_SLOTS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    split = tl.program_id(0)
+    piece = tl.program_id(0)        # the chunk this program takes, over the whole batch
     kv_head = tl.program_id(1)
-    row = tl.program_id(2)
-
-    end = tl.minimum(tl.load(lens_ptr + row).to(tl.int32), max_len)
-    start = tl.load(starts_ptr + row).to(tl.int32) if HAS_STARTS else 0
-    start = tl.maximum(start, 0)
-    slot = tl.load(slots_ptr + row).to(tl.int64) if HAS_SLOTS else row.to(tl.int64)
-    if KV_BLOCK == 0:       # a slot out of range reads nothing (paged: ids checked per token)
-        valid = (slot >= 0) & (slot < num_slots)
-        end = tl.where(valid, end, start)       # a slot out of range reads nothing
-        slot = tl.where(valid, slot, 0)
+    rows = tl.arange(0, BLOCK_B)
+    start, end, per_chunk, count, through = _schedule(
+        lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
+        HAS_SLOTS, HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+    # The row holding chunk `piece`: rows whose chunks all come before it are counted.
+    row = tl.sum((through <= piece).to(tl.int32), 0)
+    live = row < batch              # past the last chunk: nothing to do
+    row = tl.minimum(row, batch - 1)
+    first_block = (piece - _pick(through - count, rows, row)) * _pick(per_chunk, rows, row)
+    row_start = _pick(start, rows, row)
+    row_end = tl.where(live, _pick(end, rows, row), row_start)
+    last_block = tl.minimum(first_block + _pick(per_chunk, rows, row),
+                            tl.cdiv(row_end - row_start, BLOCK_N))
+    if CHECK_SLOTS:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)
+    elif KV_BLOCK == 0:
+        slot = row.to(tl.int64)
     else:
         slot = 0
-
-    num_blocks = tl.maximum(tl.cdiv(end - start, BLOCK_N), 0)
-    per_split = tl.cdiv(num_blocks, num_splits)
-    first = split * per_split
-    last = tl.minimum(first + per_split, num_blocks)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -126,62 +171,84 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
-        block = first
-        while block < last:
+        block = first_block
+        while block < last_block:
             m_i, l_i, acc = _attend_block(
-                q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_slots,
-                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, KV_BLOCK,
-                UPCAST, BLOCK_N, BLOCK_D)
+                q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
+                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
+                KV_BLOCK, UPCAST, BLOCK_N, BLOCK_D)
             block += 1
     else:
-        for block in range(first, last):
+        for block in range(first_block, last_block):
             m_i, l_i, acc = _attend_block(
-                q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_slots,
-                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, KV_BLOCK,
-                UPCAST, BLOCK_N, BLOCK_D)
+                q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
+                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
+                KV_BLOCK, UPCAST, BLOCK_N, BLOCK_D)
 
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(safe_l), float("-inf"))
-    tl.store(o_ptr + row * stride_ob + heads[:, None] * stride_oh + split * stride_os
-             + offs_d[None, :], acc / safe_l[:, None], mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + row * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+    store = g_mask & live
+    tl.store(o_ptr + piece * stride_op + heads[:, None] * stride_oh + offs_d[None, :],
+             acc / safe_l[:, None], mask=store[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + piece * stride_lp + heads, lse, mask=store)
 
 
 @triton.jit
 def _reduce_kernel(  # type: ignore[no-untyped-def]
-    o_ptr, lse_ptr, out_ptr,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    stride_outb, stride_outh,
-    num_splits,
-    HEAD_DIM: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    lens_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, out_ptr,
+    stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
+    batch, num_slots, max_len, num_splits,
+    HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr,
+    CHECK_SLOTS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     head = tl.program_id(0)
     row = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_B)
+    _, _, _, count, through = _schedule(
+        lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
+        HAS_SLOTS, HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+    last = _pick(through, rows, row)
+    first = last - _pick(count, rows, row)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m = tl.full([1], float("-inf"), tl.float32)
     denom = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for chunk in range(0, NUM_CHUNKS):
-        offs_s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-        lse = tl.load(lse_ptr + row * stride_lb + head * stride_lh + offs_s,
-                      mask=offs_s < num_splits, other=float("-inf"))
-        live = lse > float("-inf")
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
-        w = tl.where(live, tl.exp2(lse - m_safe), 0.0)
-        o = tl.load(o_ptr + row * stride_ob + head * stride_oh + offs_s[:, None] * stride_os
-                    + offs_d[None, :], mask=live[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * scale + tl.sum(o * w[:, None], 0)
-        denom = denom * scale + tl.sum(w, 0)
-        m = m_new
+    if INTERPRETED:
+        chunk = first
+        while chunk < last:
+            m, denom, acc = _merge(o_ptr, lse_ptr, chunk, last, head, m, denom, acc,
+                                   stride_op, stride_oh, stride_lp, d_mask, BLOCK_S, BLOCK_D)
+            chunk += BLOCK_S
+    else:
+        for chunk in range(first, last, BLOCK_S):
+            m, denom, acc = _merge(o_ptr, lse_ptr, chunk, last, head, m, denom, acc,
+                                   stride_op, stride_oh, stride_lp, d_mask, BLOCK_S, BLOCK_D)
     out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + row * stride_outb + head * stride_outh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _merge(  # type: ignore[no-untyped-def]
+    o_ptr, lse_ptr, chunk, last, head, m, denom, acc, stride_op, stride_oh, stride_lp,
+    d_mask, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Fold partials ``[chunk, min(chunk + BLOCK_S, last))`` into (m, denom, acc)."""
+    offs_s = chunk + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + offs_s * stride_lp + head, mask=offs_s < last,
+                  other=float("-inf"))
+    live = lse > float("-inf")
+    m_new = tl.maximum(m, tl.max(lse, 0))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
+    w = tl.where(live, tl.exp2(lse - m_safe), 0.0)
+    o = tl.load(o_ptr + offs_s[:, None] * stride_op + head * stride_oh + offs_d[None, :],
+                mask=live[:, None] & d_mask[None, :], other=0.0)
+    return m_new, denom * scale + tl.sum(w, 0), acc * scale + tl.sum(o * w[:, None], 0)
 
 
 def _interpreted() -> bool:
@@ -221,16 +288,17 @@ class Tiling:
 def default_tiling(head_dim: int) -> Tiling:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
-        return Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
+        return Tiling(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
     return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
 
 
 def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
                    tiling: Tiling) -> int:
-    """Splits of each request's KV: `tiling.programs_per_sm` programs per SM over the
-    whole batch, from the SM count, the batch and ``Lmax`` only (never the lengths)."""
-    want = triton.cdiv(tiling.programs_per_sm * _sm_count(device), batch * num_kv_heads)
-    return max(1, min(want, triton.cdiv(max_len, tiling.block_n), MAX_SPLITS))
+    """Chunks the batch's KV is cut into, per KV head: `tiling.programs_per_sm` programs
+    per SM, at most one a block of every row; from the SM count, the batch, the KV
+    heads and ``Lmax`` only (never the lengths, so the grid is fixed)."""
+    want = triton.cdiv(tiling.programs_per_sm * _sm_count(device), num_kv_heads)
+    return max(1, min(want, batch * triton.cdiv(max_len, tiling.block_n), MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -254,7 +322,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softmax_scale: default ``D ** -0.5``.
         out: ``[B, Hq, D]`` of q's dtype to write into (for CUDA graphs); allocated if
             None.
-        num_splits: override the split count (tests); default `num_splits_for`.
+        num_splits: cut the batch's KV into about this many equal chunks per KV head
+            (at most this plus B programs; tests); default `num_splits_for`.
 
     Returns ``[B, Hq, D]``: rows with nothing to attend to are zero.
 
@@ -284,37 +353,40 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous "
                               f"last dim, got {tuple(out.shape)} {out.dtype}")
+    if batch == 0:
+        return out
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiling = tiling or default_tiling(head_dim)
     splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, tiling)
-    part = torch.empty(batch, num_heads, splits, head_dim, device=q.device,
-                       dtype=torch.float32)
-    lse = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
+    programs = splits + batch           # the schedule's chunks, at most
+    part = torch.empty(programs, num_heads, head_dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(programs, num_heads, device=q.device, dtype=torch.float32)
     scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
-    _split_kernel[(splits, num_kv_heads, batch)](
-        q, k, v, lens, slots if slots is not None else lens,
-        starts if starts is not None else lens, table if table is not None else lens,
+    dummy = lens                        # stands for absent pointers (never read)
+    rows = dict(HAS_SLOTS=slots is not None, HAS_STARTS=starts is not None,
+                CHECK_SLOTS=slots is not None and kv_block == 0,
+                INTERPRETED=_interpreted(), BLOCK_B=max(2, triton.next_power_of_2(batch)),
+                BLOCK_N=tiling.block_n, BLOCK_D=block_d)
+    _split_kernel[(programs, num_kv_heads)](
+        q, k, v, lens, slots if slots is not None else dummy,
+        starts if starts is not None else dummy, table if table is not None else dummy,
         part, lse,
         q.stride(0), q.stride(1), table.stride(0) if table is not None else 0,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1),
-        scale, num_slots, max_len, splits,
+        part.stride(0), part.stride(1), lse.stride(0),
+        scale, batch, num_slots, max_len, splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
-        HAS_SLOTS=slots is not None, HAS_STARTS=starts is not None,
-        INTERPRETED=_interpreted(), UPCAST=_interpreted() and q.dtype == torch.bfloat16,
-        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        BLOCK_N=tiling.block_n, BLOCK_D=block_d, num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages)
-    block_s = min(32, triton.next_power_of_2(splits))
+        UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **rows,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     _reduce_kernel[(num_heads, batch)](
+        lens, slots if slots is not None else dummy, starts if starts is not None else dummy,
         part, lse, out,
-        part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        splits, HEAD_DIM=head_dim, NUM_CHUNKS=triton.cdiv(splits, block_s), BLOCK_S=block_s,
-        BLOCK_D=block_d, num_warps=4)
+        part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
+        batch, num_slots, max_len, splits,
+        HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(programs)), **rows,
+        num_warps=4)
     return out
 
 
@@ -324,6 +396,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.
     if q.dim() != 3:
         raise InvalidArgument(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape
+    if batch > MAX_BATCH:
+        raise InvalidArgument(f"at most {MAX_BATCH} query rows a launch, got {batch}")
     for name, t in (("k_cache", k), ("v_cache", v)):
         if t.dim() != 4 or t.shape[3] != head_dim or t.shape != k.shape:
             raise InvalidArgument(f"{name} must be [slots, Lmax, Hkv, {head_dim}] like "

@@ -302,3 +302,21 @@ def test_decode_head_dims_and_gqa_ratios(head_dim: int, group: int) -> None:
     out = decode_attention(q, k, v, _ints(lengths), _ints(slots), _ints(starts))
     ref = reference(q, k, v, lengths, slots, starts, head_dim ** -0.5)
     assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5, 64, None])
+def test_uneven_rows_are_cut_into_chunks_that_cover_them(splits: int | None) -> None:
+    # One long row and short ones: with few splits the long row gets several chunks,
+    # with more splits than blocks every block is a chunk of its own; lengths at, just
+    # past and just short of a 64-token tile.
+    lmax = 700
+    k = torch.randn(6, lmax, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(6, 2 * HKV, D, device=DEVICE).to(torch.float16)
+    lengths, slots, starts = [700, 1, 64, 65, 127, 0], [5, 4, 3, 2, 1, 0], [0, 0, 0, 2, 0, 0]
+    out = decode_attention(q, k, v, _ints(lengths), _ints(slots), _ints(starts),
+                           num_splits=splits)
+    ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
+    assert not torch.isnan(out).any()
+    assert relative_error(out, ref) < 1e-2
+    assert torch.equal(out[5], torch.zeros_like(out[5]))
