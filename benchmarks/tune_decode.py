@@ -30,7 +30,7 @@ SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-32k", 1, 16, 2, 128, 32768, T
 
 
 def tilings(quick: bool) -> list[Tiling]:
-    grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4, 8))
+    grid = itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4))
     if quick:
         grid = itertools.product((64,), (4,), (2,), (2,))
     return [Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)

@@ -3,7 +3,10 @@ FlashAttention present; the result says which backend ran.
 
 In order of preference:
 
-- ``flash-attn-3``: `flash_attn_interface.flash_attn_with_kvcache` (Hopper);
+- ``flash-attn-3`` (Hopper): `flash_attn_interface.flash_attn_with_kvcache`, or the
+  FlashAttention-3 build in vLLM's wheel (``torch.ops._vllm_fa3_C.fwd``, from an
+  installed vllm or from the library file named by ``VATTN_FA3_LIBRARY``) on the
+  dense cache with ``kv_batch_idx`` and ``seqused_k``;
 - ``flash-attn``: the flash-attn package's `flash_attn_with_kvcache`;
 - ``torch-fa2``: the FlashAttention-2 bundled in torch
   (`torch.ops.aten._flash_attention_forward`) in varlen mode on the ``[slots * Lmax,
@@ -17,7 +20,9 @@ The query chunk of each request sits at the end of its cached tokens: with
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,7 +50,8 @@ def available_backends(device: torch.device) -> list[Backend]:
     found: list[Backend] = []
     if device.type == "cuda":
         major = torch.cuda.get_device_capability(device)[0]
-        if major == 9 and _kvcache_fn("flash_attn_interface") is not None:
+        if major == 9 and (_kvcache_fn("flash_attn_interface") is not None
+                           or _vllm_fa3() is not None):
             found.append("flash-attn-3")
         if _kvcache_fn("flash_attn") is not None:
             found.append("flash-attn")
@@ -102,11 +108,41 @@ def _kvcache_fn(module: str) -> Callable[..., Any] | None:
         return None
 
 
+@functools.cache
+def _vllm_fa3() -> Callable[..., Any] | None:
+    """vLLM's FlashAttention-3 forward op, or None where it cannot be loaded."""
+    try:
+        path = os.environ.get("VATTN_FA3_LIBRARY")
+        if path:
+            torch.ops.load_library(path)
+        else:
+            importlib.import_module("vllm.vllm_flash_attn._vllm_fa3_C")
+        return torch.ops._vllm_fa3_C.fwd
+    except Exception:       # absent, or built for another torch/CUDA: not usable
+        return None
+
+
+def _vllm_fa3_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+                    slots: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """The op's 37 arguments: batched q, the dense cache read through ``kv_batch_idx``
+    (slots) and ``seqused_k`` (lengths); no paging, window, softcap, rotary or fp8."""
+    fwd = _vllm_fa3()
+    assert fwd is not None
+    out = fwd(q, k, v, None, None, None, None,        # k_new, v_new, q_v, out
+              None, None, None, None, lens.int(),       # cu_seqlens_q/k/k_new, seqused_q/k
+              None, None, None, slots.int(), None,       # max_seqlen_q/k, page_table, batch idx
+              None, None, None, None, None, None,        # leftpad, rotary x3, descale x3
+              scale, causal, -1, -1, 0.0, True,          # window, softcap, rotary interleave
+              None, 0, None, 0, None, 1, 0, None)        # scheduler, splits, pack_gqa, cp
+    return out[0]
+
+
 def _flash_attn_package(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         lens: torch.Tensor, slots: torch.Tensor, causal: bool, scale: float,
                         backend: Backend) -> torch.Tensor:
     fn = _kvcache_fn("flash_attn_interface" if backend == "flash-attn-3" else "flash_attn")
-    assert fn is not None
+    if fn is None:          # FlashAttention-3 from vLLM's build
+        return _vllm_fa3_dense(q, k, v, lens, slots, causal, scale)
     out = fn(q, k, v, cache_seqlens=lens.int(), cache_batch_idx=slots.int(), causal=causal,
              softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out

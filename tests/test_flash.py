@@ -77,3 +77,23 @@ def test_bad_input_is_refused() -> None:
         flash_attention(q, k[:, :32], k[:, :32], torch.tensor([9], dtype=torch.int32))
     with pytest.raises(InvalidArgument, match="cache_seqlens 2 < the chunk's 3 queries"):
         flash_attention(q, k, k, torch.tensor([2], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_backend_on_the_gpu_matches_the_reference(layout: str) -> None:
+    dtype = torch.bfloat16
+    with make_cache(layout, dtype, slots=3) as cache:
+        slots = [cache.allocate() for _ in range(3)]
+        lengths = [9000, 97, 8193]                  # past a 2 MiB page, the next unmapped
+        fill(cache, 0, slots, lengths, dtype)
+        k, v = cache.kv(0)
+        for backend in available_backends(torch.device(DEVICE)):
+            for num_q in (1, 16):
+                q = torch.randn(3, num_q, 4 * HKV, D, device=DEVICE).to(dtype)
+                result = flash_attention(q, k, v, _ints(lengths), _ints(slots),
+                                         backend=backend)
+                assert result.backend == backend
+                ref = reference(q, k, v, lengths, slots, True)
+                err = ((result.out.float() - ref).norm() / ref.norm()).item()
+                assert not torch.isnan(result.out).any() and err < 1e-2, (backend, num_q)

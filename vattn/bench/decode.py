@@ -48,13 +48,15 @@ def read_bandwidth(device: torch.device) -> float:
 
 
 def launch_floor(device: torch.device) -> float:
-    """Our two launches with nothing to read (every length zero), in seconds."""
+    """Our two launches with nothing to read (every length zero), in seconds of GPU time
+    (replayed from a CUDA graph, as the kernels are timed)."""
     from vattn.kernels import decode_attention
 
     k = torch.randn(1, 64, 2, 128, device=device, dtype=torch.bfloat16)
     q = torch.randn(1, 16, 128, device=device, dtype=torch.bfloat16)
     zero = torch.zeros(1, dtype=torch.int32, device=device)
-    return common.median(common.cuda_times([lambda: decode_attention(q, k, k, zero)], 100))
+    return common.median(common.graph_times([lambda: decode_attention(q, k, k, zero)] * 64,
+                                            20))
 
 
 class Workload:
@@ -115,8 +117,8 @@ class Workload:
 
     def paged(self, block_size: int) -> list[Call]:
         """Our kernel behind a block table: the first layers (enough for a cold L2) copied
-        into shuffled blocks. Tokens of a last block past the length are copied too (the
-        cache maps `read_slack` beyond every length); the kernel masks them."""
+        into shuffled blocks (a last block's tokens past the length are random; the
+        kernel masks them)."""
         from vattn.kernels import paged_decode_attention
 
         layers = min(self.cache.config.num_layers, layers_for_cold_l2(self.kv_bytes, 2))
@@ -132,11 +134,12 @@ class Workload:
         for layer in range(layers):
             pair = []
             for t in self.cache.kv(layer):
-                blocks = torch.empty(sum(per_row), block_size, *t.shape[2:], dtype=t.dtype,
+                blocks = torch.randn(sum(per_row), block_size, *t.shape[2:], dtype=t.dtype,
                                      device=t.device)
-                for row, count in enumerate(per_row):      # slot == row here
-                    blocks[table[row, :count].long()] = t[row, :count * block_size].reshape(
-                        count, block_size, *t.shape[2:])
+                for row, (count, n) in enumerate(zip(per_row, self.lengths, strict=True)):
+                    rows = blocks[table[row, :count].long()]     # a copy; slot == row
+                    rows.flatten(0, 1)[:n] = t[row, :n]
+                    blocks[table[row, :count].long()] = rows
                 pair.append(blocks)
             calls.append(functools.partial(paged_decode_attention, self.q, pair[0], pair[1],
                                            table, self.lens))
