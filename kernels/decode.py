@@ -4,17 +4,22 @@ One query token per request attends over that request's slot of a ``[slots, Lmax
 Hkv, D]`` strided K/V view (both vattn layouts, any batch/sequence/head strides, last
 dim contiguous). Two launches::
 
-    _split_kernel   grid (num_splits + B, Hkv): each program takes the query heads of one
-                    KV head (GQA group packed into the MMA tile) and one chunk of one
-                    request's KV, and writes a partial output and its log2-sum-exp
+    _split_kernel   grid (num_splits, Hkv): the batch's KV blocks, laid end to end, are
+                    cut into num_splits equal runs; a program takes one run for the
+                    query heads of one KV head (GQA group packed into the MMA tile) and
+                    writes a partial output and its log2-sum-exp for each request the
+                    run touches
     _reduce_kernel  grid (Hq, B): rescales and sums the partials of each request
 
-The grid depends on the SM count, the batch and the KV heads only. The chunks are cut
-on the device, from the lengths (`_schedule`): the batch's KV is cut into about
-``num_splits`` chunks of equal size, so that a long request gets more programs than a
-short one and unequal lengths keep every SM busy; programs past the last chunk exit at
-once. Nothing syncs with the host, so a decode step can be captured in a CUDA graph.
-Loads are masked to ``[start, length)``: no byte past a request's length is read.
+          request 0          request 1      request 2 (empty)  request 3
+    |-----------------|--------------------||---------------------------|  blocks
+    |  run 0   |   run 1    |   run 2   |   run 3    |   run 4   | run 5|  programs
+
+The grid depends on the SM count and the KV heads only, and every program gets the
+same work whatever the lengths: unequal lengths keep every SM busy. The runs are cut on
+the device from the lengths (`_schedule`); programs past the last block exit at once.
+Nothing syncs with the host, so a decode step can be captured in a CUDA graph. Loads
+are masked to ``[start, length)``: no byte past a request's length is read.
 """
 
 from __future__ import annotations
@@ -37,18 +42,13 @@ MAX_BATCH = 4096        # rows a launch schedules (each program reads every row'
 @triton.jit
 def _schedule(  # type: ignore[no-untyped-def]
     lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
-    HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Per row (a vector over the batch): its first token, its end, the KV blocks of
-    BLOCK_N tokens in each of its chunks, its chunk count, and the running count of
-    chunks up to and including it. Every program computes the same schedule.
-
-    The batch's ``T`` blocks are cut into chunks of about ``C = ceil(T / num_splits)``
-    blocks: a row of ``w`` blocks gets ``ceil(w / (C + C/8))`` equal chunks (an eighth
-    longer is allowed, so that a row near ``C`` is not cut into a chunk and a sliver).
-    In all there are at most ``num_splits + batch`` chunks.
-    """
+    """The batch laid end to end, in blocks of BLOCK_N tokens. Returns, as vectors over
+    the rows, each row's first token, its end and the running count of blocks through
+    it, and the blocks of one run (``ceil(total / num_splits)``). Every program
+    computes the same schedule."""
     rows = tl.arange(0, BLOCK_B)
     in_batch = rows < batch
     end = tl.minimum(tl.load(lens_ptr + rows, mask=in_batch, other=0).to(tl.int32), max_len)
@@ -60,11 +60,9 @@ def _schedule(  # type: ignore[no-untyped-def]
         slot = tl.load(slots_ptr + rows, mask=in_batch, other=0)
         end = tl.where((slot >= 0) & (slot < num_slots), end, start)
     blocks = tl.where(in_batch & (end > start), tl.cdiv(end - start, BLOCK_N), 0)
-    chunk = tl.maximum(tl.cdiv(tl.sum(blocks, 0), num_splits), 1)
-    pieces = tl.cdiv(blocks, chunk + chunk // 8)
-    per_chunk = tl.cdiv(blocks, tl.maximum(pieces, 1))
-    count = tl.cdiv(blocks, tl.maximum(per_chunk, 1))
-    return start, end, per_chunk, count, tl.cumsum(count, 0)
+    through = tl.cumsum(blocks, 0)
+    run = tl.maximum(tl.cdiv(tl.sum(blocks, 0), num_splits), 1)
+    return start, end, through, run
 
 
 @triton.jit
@@ -126,39 +124,74 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     stride_op, stride_oh, stride_lp,
     qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, INTERPRETED: tl.constexpr,
-    CHECK_SLOTS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
+    INTERPRETED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    piece = tl.program_id(0)        # the chunk this program takes, over the whole batch
+    piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
-    start, end, per_chunk, count, through = _schedule(
+    start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
-        HAS_SLOTS, HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
-    # The row holding chunk `piece`: rows whose chunks all come before it are counted.
-    row = tl.sum((through <= piece).to(tl.int32), 0)
-    live = row < batch              # past the last chunk: nothing to do
-    row = tl.minimum(row, batch - 1)
-    first_block = (piece - _pick(through - count, rows, row)) * _pick(per_chunk, rows, row)
+        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+    lo = piece * run
+    hi = tl.minimum(lo + run, tl.max(through, 0))       # through[-1]: all the blocks
+    # The rows holding blocks lo and hi - 1: the rows that end at or before it, counted.
+    first_row = tl.sum((through <= lo).to(tl.int32), 0)
+    last_row = tl.sum((through <= hi - 1).to(tl.int32), 0)
+    if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
+        row = first_row
+        while row <= last_row:
+            _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, start, end,
+                     through, rows, row, piece, kv_head, lo, hi,
+                     stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
+                     stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
+                     qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
+                     UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
+            row += 1
+    else:
+        for row in range(first_row, last_row + 1):
+            _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, start, end,
+                     through, rows, row, piece, kv_head, lo, hi,
+                     stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
+                     stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
+                     qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
+                     UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _segment(  # type: ignore[no-untyped-def]
+    q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, start, end, through, rows,
+    row, piece, kv_head, lo, hi,
+    stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
+    qk_scale, num_slots,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Attend over the blocks of run `piece` (global blocks ``[lo, hi)``) that belong to
+    `row`, and store the partial as number ``piece + row`` (unique: the runs after this
+    one start at this row or later)."""
     row_start = _pick(start, rows, row)
-    row_end = tl.where(live, _pick(end, rows, row), row_start)
-    last_block = tl.minimum(first_block + _pick(per_chunk, rows, row),
-                            tl.cdiv(row_end - row_start, BLOCK_N))
-    if CHECK_SLOTS:
+    row_end = _pick(end, rows, row)
+    row_through = _pick(through, rows, row)
+    row_first = row_through - tl.cdiv(tl.maximum(row_end - row_start, 0), BLOCK_N)
+    first_block = tl.maximum(lo, row_first) - row_first
+    last_block = tl.minimum(hi, row_through) - row_first
+    if KV_BLOCK > 0:
+        slot = 0
+    elif HAS_SLOTS:
         slot = tl.load(slots_ptr + row).to(tl.int64)
         slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)
-    elif KV_BLOCK == 0:
-        slot = row.to(tl.int64)
     else:
-        slot = 0
+        slot = row.to(tl.int64)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
-
     q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:          # the interpreter's bf16 tl.dot is wrong (triton 3.6): use fp32
@@ -170,7 +203,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
+    if INTERPRETED:
         block = first_block
         while block < last_block:
             m_i, l_i, acc = _attend_block(
@@ -188,10 +221,11 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(safe_l), float("-inf"))
-    store = g_mask & live
-    tl.store(o_ptr + piece * stride_op + heads[:, None] * stride_oh + offs_d[None, :],
+    store = g_mask & (last_block > first_block)
+    index = piece + row
+    tl.store(o_ptr + index * stride_op + heads[:, None] * stride_oh + offs_d[None, :],
              acc / safe_l[:, None], mask=store[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + piece * stride_lp + heads, lse, mask=store)
+    tl.store(lse_ptr + index * stride_lp + heads, lse, mask=store)
 
 
 @triton.jit
@@ -199,18 +233,21 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     lens_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, out_ptr,
     stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
     batch, num_slots, max_len, num_splits,
-    HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr,
-    CHECK_SLOTS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     head = tl.program_id(0)
     row = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
-    _, _, _, count, through = _schedule(
+    start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
-        HAS_SLOTS, HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
-    last = _pick(through, rows, row)
-    first = last - _pick(count, rows, row)
+        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+    row_through = _pick(through, rows, row)
+    row_first = row_through - tl.cdiv(tl.maximum(_pick(end - start, rows, row), 0), BLOCK_N)
+    # The runs holding the row's first and last blocks wrote partials piece + row.
+    first = row_first // run + row
+    last = tl.where(row_through > row_first, (row_through - 1) // run + 1 + row, first)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m = tl.full([1], float("-inf"), tl.float32)
@@ -294,10 +331,11 @@ def default_tiling(head_dim: int) -> Tiling:
 
 def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
                    tiling: Tiling) -> int:
-    """Chunks the batch's KV is cut into, per KV head: `tiling.programs_per_sm` programs
-    per SM, at most one a block of every row; from the SM count, the batch, the KV
-    heads and ``Lmax`` only (never the lengths, so the grid is fixed)."""
-    want = triton.cdiv(tiling.programs_per_sm * _sm_count(device), num_kv_heads)
+    """Runs the batch's KV is cut into, per KV head: `tiling.programs_per_sm` programs
+    per SM in all (rounded down: one wave), at most one a block of every row; from the
+    SM count, the batch, the KV heads and ``Lmax`` only (never the lengths, so the grid
+    is fixed)."""
+    want = tiling.programs_per_sm * _sm_count(device) // num_kv_heads
     return max(1, min(want, batch * triton.cdiv(max_len, tiling.block_n), MAX_SPLITS))
 
 
@@ -322,8 +360,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softmax_scale: default ``D ** -0.5``.
         out: ``[B, Hq, D]`` of q's dtype to write into (for CUDA graphs); allocated if
             None.
-        num_splits: cut the batch's KV into about this many equal chunks per KV head
-            (at most this plus B programs; tests); default `num_splits_for`.
+        num_splits: cut the batch's KV, laid end to end, into this many equal runs
+            per KV head (tests); default `num_splits_for`.
 
     Returns ``[B, Hq, D]``: rows with nothing to attend to are zero.
 
@@ -358,16 +396,15 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiling = tiling or default_tiling(head_dim)
     splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, tiling)
-    programs = splits + batch           # the schedule's chunks, at most
-    part = torch.empty(programs, num_heads, head_dim, device=q.device, dtype=torch.float32)
-    lse = torch.empty(programs, num_heads, device=q.device, dtype=torch.float32)
+    part = torch.empty(splits + batch, num_heads, head_dim, device=q.device,
+                       dtype=torch.float32)     # partial piece + row, for every run
+    lse = torch.empty(splits + batch, num_heads, device=q.device, dtype=torch.float32)
     scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
     dummy = lens                        # stands for absent pointers (never read)
-    rows = dict(HAS_SLOTS=slots is not None, HAS_STARTS=starts is not None,
-                CHECK_SLOTS=slots is not None and kv_block == 0,
-                INTERPRETED=_interpreted(), BLOCK_B=max(2, triton.next_power_of_2(batch)),
-                BLOCK_N=tiling.block_n, BLOCK_D=block_d)
-    _split_kernel[(programs, num_kv_heads)](
+    shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
+                  INTERPRETED=_interpreted(), BLOCK_B=max(2, triton.next_power_of_2(batch)),
+                  BLOCK_N=tiling.block_n, BLOCK_D=block_d)
+    _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
         starts if starts is not None else dummy, table if table is not None else dummy,
         part, lse,
@@ -377,15 +414,15 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         part.stride(0), part.stride(1), lse.stride(0),
         scale, batch, num_slots, max_len, splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
-        UPCAST=_interpreted() and q.dtype == torch.bfloat16,
-        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **rows,
+        HAS_SLOTS=slots is not None, UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     _reduce_kernel[(num_heads, batch)](
         lens, slots if slots is not None else dummy, starts if starts is not None else dummy,
         part, lse, out,
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         batch, num_slots, max_len, splits,
-        HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(programs)), **rows,
+        HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(splits + batch)), **shared,
         num_warps=4)
     return out
 
