@@ -24,13 +24,13 @@ HKV, D = 2, 64
 
 
 def make_cache(layout: str, dtype: torch.dtype, slots: int = 5,
-               max_context_len: int | None = None) -> VirtualKVCache:
+               max_context_len: int | None = None, read_slack: int = 0) -> VirtualKVCache:
     if max_context_len is None:         # two pages and a bit, in either layout
         max_context_len = 2 * PAGE // (HKV * D * dtype.itemsize) + 200
     return VirtualKVCache(num_layers=2, num_kv_heads=HKV, head_dim=D, dtype=dtype,
                           max_batch_size=slots, max_context_len=max_context_len,
                           device=DEVICE, layout=layout,  # type: ignore[arg-type]
-                          page_size_bytes=PAGE, read_slack=0, lookahead_tokens=0,
+                          page_size_bytes=PAGE, read_slack=read_slack, lookahead_tokens=0,
                           debug_fill_nan=True)
 
 
