@@ -22,19 +22,30 @@ from vattn.bench.decode import layers_for_cold_l2
 from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch
 
 # (name, batch, query heads, KV heads, head dim, context, equal lengths)
-SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-32k", 1, 16, 2, 128, 32768, True),
+SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-16k", 1, 16, 2, 128, 16384, True),
+          ("a-32k", 1, 16, 2, 128, 32768, True),
           ("a-64k", 1, 16, 2, 128, 65536, True), ("b-1", 1, 32, 8, 128, 16384, True),
           ("b-4", 4, 32, 8, 128, 16384, True), ("b-8", 8, 32, 8, 128, 16384, True),
           ("b-8-unequal", 8, 32, 8, 128, 16384, False), ("b-32", 32, 32, 8, 128, 16384, True),
           ("b-32-unequal", 32, 32, 8, 128, 16384, False)]
 
 
-def tilings(quick: bool) -> list[Tiling]:
-    grid = itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4))
-    if quick:
-        grid = itertools.product((64,), (4,), (2,), (2,))
+def tilings(grid: str) -> list[Tiling]:
+    """``full``: tile tokens x warps x stages x programs per SM; ``runs``: the shortest
+    run (tiles) for the two best of the full sweep; ``quick``: the default only."""
+    if grid == "quick":
+        return [default_tiling(128)]
+    if grid == "runs":
+        return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=1,
+                       min_blocks_per_run=m)
+                for (n, s), m in itertools.product(((128, 3), (64, 4)), (1, 2, 4, 8, 16))]
     return [Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
-            for n, w, s, p in grid]
+            for n, w, s, p in itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4))]
+
+
+def _name(t: Tiling) -> str:
+    return (f"n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm} "
+            f"m{t.min_blocks_per_run}")
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int) -> list[dict[str, Any]]:
@@ -65,8 +76,7 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int) -> list[d
         seconds = common.median(common.graph_times(
             [functools.partial(call, layer, tiling=tiling) for layer in range(layers)],
             repeats))
-        rows.append({"shape": name, "block_n": tiling.block_n, "warps": tiling.num_warps,
-                     "stages": tiling.num_stages, "per_sm": tiling.programs_per_sm,
+        rows.append({"shape": name, "tiling": _name(tiling),
                      "us": round(seconds * 1e6, 1),
                      "TB/s": round(kv_bytes / seconds / 1e12, 2)})
     return rows
@@ -76,13 +86,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="one tiling (a smoke test)")
+    parser.add_argument("--grid", choices=("full", "runs", "quick"), default="full")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     common.require_cuda(torch.device("cuda"), "tune_decode")
     header = common.device_environment(torch.device("cuda"))
     print(common.header_line(header))
-    configs = tilings(args.quick)
+    configs = tilings(args.grid)
+    default = default_tiling(128)
+    if default not in configs:
+        configs.append(default)
     wanted = args.shapes.split(",")
     rows: list[dict[str, Any]] = []
     summary = []
@@ -91,13 +104,9 @@ def main() -> None:
         rows += mine
         torch.cuda.empty_cache()
         print(f"\n{shape[0]}\n" + common.markdown_table(mine[:8]), flush=True)
-        default = default_tiling(shape[4])
-        base = next(r for r in mine if (r["block_n"], r["warps"], r["stages"], r["per_sm"])
-                    == (default.block_n, default.num_warps, default.num_stages,
-                        default.programs_per_sm))
+        base = next(r for r in mine if r["tiling"] == _name(default))
         summary.append({"shape": shape[0], "default us": base["us"], "best us": mine[0]["us"],
-                        "best": f"n{mine[0]['block_n']} w{mine[0]['warps']} "
-                                f"s{mine[0]['stages']} p{mine[0]['per_sm']}",
+                        "best": mine[0]["tiling"],
                         "default/best": f"{base['us'] / mine[0]['us']:.2f}"})
     print("\n" + common.markdown_table(summary))
     if args.json:

@@ -310,33 +310,41 @@ class Tiling:
     num_stages: int
     """Software-pipelining depth of the tile loop."""
     programs_per_sm: int
-    """Split programs over the whole batch per SM: sets the split count."""
+    """Split programs in all per SM (the runs of one wave): sets the run count."""
+    min_blocks_per_run: int = 1
+    """Fewer runs where a run would get fewer tiles than this with every request at
+    ``Lmax`` (a program's fixed cost dominates short runs)."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1 or self.programs_per_sm < 1:
-            raise ValueError(f"num_stages and programs_per_sm must be >= 1, got "
-                             f"{self.num_stages} and {self.programs_per_sm}")
+        if min(self.num_stages, self.programs_per_sm, self.min_blocks_per_run) < 1:
+            raise ValueError(f"num_stages, programs_per_sm and min_blocks_per_run must be "
+                             f">= 1, got {self.num_stages}, {self.programs_per_sm} and "
+                             f"{self.min_blocks_per_run}")
 
 
 def default_tiling(head_dim: int) -> Tiling:
+    """Measured on an H200 (docs/benchmarks.md, the tiling sweep) for head dim 128: one
+    program per SM with tiles of 128 tokens within 1% of the best tiling on every
+    shape swept. Head dim 256 is not tuned."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
-        return Tiling(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+        return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
     return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
 
 
 def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
                    tiling: Tiling) -> int:
     """Runs the batch's KV is cut into, per KV head: `tiling.programs_per_sm` programs
-    per SM in all (rounded down: one wave), at most one a block of every row; from the
-    SM count, the batch, the KV heads and ``Lmax`` only (never the lengths, so the grid
-    is fixed)."""
+    per SM in all (rounded down: one wave), fewer where runs of every request at
+    ``Lmax`` would be shorter than `tiling.min_blocks_per_run` tiles; from the SM count,
+    the batch, the KV heads and ``Lmax`` only (never the lengths: the grid is fixed)."""
     want = tiling.programs_per_sm * _sm_count(device) // num_kv_heads
-    return max(1, min(want, batch * triton.cdiv(max_len, tiling.block_n), MAX_SPLITS))
+    most = triton.cdiv(batch * triton.cdiv(max_len, tiling.block_n), tiling.min_blocks_per_run)
+    return max(1, min(want, most, MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

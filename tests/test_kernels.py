@@ -320,3 +320,19 @@ def test_uneven_rows_are_cut_into_chunks_that_cover_them(splits: int | None) -> 
     assert not torch.isnan(out).any()
     assert relative_error(out, ref) < 1e-2
     assert torch.equal(out[5], torch.zeros_like(out[5]))
+
+
+def test_tiling_is_validated_and_sets_the_run_count() -> None:
+    from vattn.kernels import Tiling, num_splits_for
+
+    with pytest.raises(ValueError, match="power of two"):
+        Tiling(block_n=48, num_warps=4, num_stages=2, programs_per_sm=1)
+    with pytest.raises(ValueError, match="min_blocks_per_run"):
+        Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=1, min_blocks_per_run=0)
+    cpu = torch.device("cpu")             # the interpreter counts 4 SMs
+    wide = Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=3)
+    assert num_splits_for(cpu, 2, 2, 1000, wide) == 6            # 3 x 4 SMs / 2 KV heads
+    short = Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=3,
+                   min_blocks_per_run=8)
+    assert num_splits_for(cpu, 2, 2, 1000, short) == 4           # 2 x 16 tiles / 8
+    assert num_splits_for(cpu, 1, 2, 10, short) == 1
