@@ -33,13 +33,9 @@ SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-16k", 1, 16, 2, 128, 16384, T
 
 def tilings(grid: str) -> list[Tiling]:
     """``full``: tile tokens x warps x stages x programs per SM; ``runs``: the shortest
-    run (tiles) for the two best of the full sweep; ``evict``: the default with and
-    without evict-first loads; ``quick``: the default only."""
+    run (tiles) for the two best of the full sweep; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
-    if grid == "evict":
-        return [Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1,
-                       evict_first=e) for e in (False, True)]
     if grid == "runs":
         return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=1,
                        min_blocks_per_run=m)
@@ -50,7 +46,7 @@ def tilings(grid: str) -> list[Tiling]:
 
 def _name(t: Tiling) -> str:
     return (f"n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm} "
-            f"m{t.min_blocks_per_run}" + (" evict" if t.evict_first else ""))
+            f"m{t.min_blocks_per_run}")
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int) -> list[dict[str, Any]]:
@@ -91,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--grid", choices=("full", "runs", "evict", "quick"), default="full")
+    parser.add_argument("--grid", choices=("full", "runs", "quick"), default="full")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     common.require_cuda(torch.device("cuda"), "tune_decode")

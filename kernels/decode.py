@@ -76,7 +76,7 @@ def _attend_block(  # type: ignore[no-untyped-def]
     q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
     stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
     HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-    EVICT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Online softmax over one tile of BLOCK_N tokens: returns the new (m, l, acc).
 
@@ -100,8 +100,7 @@ def _attend_block(  # type: ignore[no-untyped-def]
         k_off = pos64 * stride_kl
         v_off = pos64 * stride_vl
     kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0,
-                eviction_policy=EVICT)
+    k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -109,8 +108,7 @@ def _attend_block(  # type: ignore[no-untyped-def]
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    v = tl.load(v_base + v_off + offs_d[None, :], mask=kv_mask, other=0.0,
-                eviction_policy=EVICT)
+    v = tl.load(v_base + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -127,9 +125,8 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
-    INTERPRETED: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
@@ -150,7 +147,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
-                     UPCAST, EVICT, BLOCK_G, BLOCK_N, BLOCK_D)
+                     UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
             row += 1
     else:
         for row in range(first_row, last_row + 1):
@@ -159,7 +156,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
-                     UPCAST, EVICT, BLOCK_G, BLOCK_N, BLOCK_D)
+                     UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -171,8 +168,7 @@ def _segment(  # type: ignore[no-untyped-def]
     qk_scale, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST: tl.constexpr,
-    EVICT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Attend over the blocks of run `piece` (global blocks ``[lo, hi)``) that belong to
     `row`, and store the partial as number ``piece + row`` (unique: the runs after this
@@ -213,14 +209,14 @@ def _segment(  # type: ignore[no-untyped-def]
             m_i, l_i, acc = _attend_block(
                 q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
                 num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
-                KV_BLOCK, UPCAST, EVICT, BLOCK_N, BLOCK_D)
+                KV_BLOCK, UPCAST, BLOCK_N, BLOCK_D)
             block += 1
     else:
         for block in range(first_block, last_block):
             m_i, l_i, acc = _attend_block(
                 q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
                 num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
-                KV_BLOCK, UPCAST, EVICT, BLOCK_N, BLOCK_D)
+                KV_BLOCK, UPCAST, BLOCK_N, BLOCK_D)
 
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
@@ -318,8 +314,6 @@ class Tiling:
     min_blocks_per_run: int = 1
     """Fewer runs where a run would get fewer tiles than this with every request at
     ``Lmax`` (a program's fixed cost dominates short runs)."""
-    evict_first: bool = False
-    """Load K/V with L2 eviction priority first (each byte is read once)."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -429,7 +423,6 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         scale, batch, num_slots, max_len, splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
         HAS_SLOTS=slots is not None, UPCAST=_interpreted() and q.dtype == torch.bfloat16,
-        EVICT="evict_first" if tiling.evict_first else "",
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     _reduce_kernel[(num_heads, batch)](
