@@ -228,32 +228,44 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
 
 
 def plot(prefix: str, rows: list[dict[str, Any]], bandwidth: float, floor: float) -> None:
+    """PREFIX-a.png: time against context (case a); PREFIX-b.png: read rate against batch,
+    equal and unequal lengths side by side (case b). A colour per kernel, a line style
+    per layout."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    colours = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kernels)}
+    styles = {"per_layer": "-", "token_major": "--"}
     for case, x_key, y_key in (("a", "context", "us"), ("b", "batch", "TB/s")):
-        mine = [r for r in rows if r["case"] == case and r["lengths"] == "equal"]
-        if not mine:
+        mine = [r for r in rows if r["case"] == case]
+        panels = [p for p in ("equal", "unequal") if any(r["lengths"] == p for r in mine)]
+        if not panels:
             continue
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for layout in dict.fromkeys(r["layout"] for r in mine):
-            for kernel in dict.fromkeys(r["kernel"] for r in mine):
-                pts = [r for r in mine if r["layout"] == layout and r["kernel"] == kernel]
-                ax.plot([r[x_key] for r in pts], [r[y_key] for r in pts], "-o",
-                        label=f"{kernel}, {layout}", markersize=3)
-        if case == "a":
-            xs = sorted({r["context"] for r in mine})
-            ax.plot(xs, [(2 * x * 2 * 128 * 2 / bandwidth + floor) * 1e6 for x in xs], "k--",
-                    label="KV bytes / read bw + floor")
-            ax.set_yscale("log")
-        else:
-            ax.axhline(bandwidth / 1e12, color="k", linestyle="--", label="read bandwidth")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(x_key)
-        ax.set_ylabel(y_key)
-        ax.legend(fontsize=6)
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+        for ax, lengths in zip(axes[0], panels, strict=True):
+            for layout in dict.fromkeys(r["layout"] for r in mine):
+                for kernel in kernels:
+                    pts = [r for r in mine if (r["layout"], r["kernel"], r["lengths"])
+                           == (layout, kernel, lengths)]
+                    if pts:
+                        ax.plot([r[x_key] for r in pts], [r[y_key] for r in pts], "o",
+                                linestyle=styles.get(layout, ":"), color=colours[kernel],
+                                label=f"{kernel}, {layout}", markersize=3)
+            if case == "a":
+                xs = sorted({r["context"] for r in mine})
+                ax.plot(xs, [(2 * x * 2 * 128 * 2 / bandwidth + floor) * 1e6 for x in xs],
+                        "k:", label="KV bytes / read bw + floor")
+                ax.set_yscale("log")
+            else:
+                ax.axhline(bandwidth / 1e12, color="k", linestyle=":", label="read bandwidth")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(y_key)
+            ax.set_title(f"case {case}, {lengths} lengths")
+            ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(f"{prefix}-{case}.png", dpi=120)
         plt.close(fig)
