@@ -141,8 +141,9 @@ def _flash_attn_package(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         lens: torch.Tensor, slots: torch.Tensor, causal: bool, scale: float,
                         backend: Backend) -> torch.Tensor:
     fn = _kvcache_fn("flash_attn_interface" if backend == "flash-attn-3" else "flash_attn")
-    if fn is None:          # FlashAttention-3 from vLLM's build
+    if fn is None and backend == "flash-attn-3":        # vLLM's build
         return _vllm_fa3_dense(q, k, v, lens, slots, causal, scale)
+    assert fn is not None, "available_backends listed a backend that is absent"
     out = fn(q, k, v, cache_seqlens=lens.int(), cache_batch_idx=slots.int(), causal=causal,
              softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out

@@ -105,3 +105,14 @@ def test_every_backend_on_the_gpu_matches_the_reference(layout: str) -> None:
                 ref = reference(q, k, v, lengths, slots, True)
                 err = ((result.out.float() - ref).norm() / ref.norm()).item()
                 assert not torch.isnan(result.out).any() and err < 1e-2, (backend, num_q)
+
+
+def test_a_bad_fa3_library_path_means_no_fa3(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vattn.kernels import flash
+
+    monkeypatch.setenv("VATTN_FA3_LIBRARY", "/nonexistent/_vllm_fa3_C.abi3.so")
+    flash._vllm_fa3.cache_clear()
+    try:
+        assert flash._vllm_fa3() is None
+    finally:
+        flash._vllm_fa3.cache_clear()
