@@ -33,9 +33,13 @@ SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-16k", 1, 16, 2, 128, 16384, T
 
 def tilings(grid: str) -> list[Tiling]:
     """``full``: tile tokens x warps x stages x programs per SM; ``runs``: the shortest
-    run (tiles) for the two best of the full sweep; ``quick``: the default only."""
+    run (tiles) for the two best of the full sweep; ``paged``: tile tokens x stages x
+    programs per SM for the paged twin; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "paged":
+        return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=p)
+                for n, s, p in itertools.product((16, 32, 64, 128), (2, 3), (1, 2))]
     if grid == "runs":
         return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=1,
                        min_blocks_per_run=m)
@@ -49,7 +53,10 @@ def _name(t: Tiling) -> str:
             f"m{t.min_blocks_per_run}")
 
 
-def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int) -> list[dict[str, Any]]:
+def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
+          block_size: int) -> list[dict[str, Any]]:
+    """Time every tiling on one shape: the dense kernel, or with `block_size` the paged
+    twin on the same K/V copied into shuffled blocks."""
     name, batch, num_q, num_kv, head_dim, context, equal = shape
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     lengths = (torch.full((batch,), context, device="cuda") if equal else
@@ -62,12 +69,24 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int) -> list[d
     q = torch.randn(batch, num_q, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
     check_inputs(q, kv[0][0], kv[0][1], lens, None, None)
 
+    expected = launch(q, kv[0][0], kv[0][1], lens, None, None, None, 0, batch, context,
+                      None, None, None, default_tiling(head_dim)).float()
+    table = None
+    if block_size:
+        per_row = context // block_size
+        table = torch.randperm(batch * per_row, device="cuda", generator=gen).int()
+        table = table.view(batch, per_row)
+        for i, pair in enumerate(kv):
+            blocks = torch.empty_like(pair).view(2, batch * per_row, block_size, num_kv,
+                                                 head_dim)
+            blocks[:, table.flatten().long()] = pair.reshape(blocks.shape)
+            kv[i] = blocks
+
     def call(layer: int, tiling: Tiling) -> torch.Tensor:
         k, v = kv[layer]
-        return launch(q, k, v, lens, None, None, None, 0, batch, context, None, None, None,
-                      tiling)
+        return launch(q, k, v, lens, None, None, table, block_size, k.shape[0], context,
+                      None, None, None, tiling)
 
-    expected = call(0, default_tiling(head_dim)).float()
     rows = []
     for tiling in configs:
         got = call(0, tiling).float()
@@ -77,7 +96,7 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int) -> list[d
         seconds = common.median(common.graph_times(
             [functools.partial(call, layer, tiling=tiling) for layer in range(layers)],
             repeats))
-        rows.append({"shape": name, "tiling": _name(tiling),
+        rows.append({"shape": name, "block": block_size or "dense", "tiling": _name(tiling),
                      "us": round(seconds * 1e6, 1),
                      "TB/s": round(kv_bytes / seconds / 1e12, 2)})
     return rows
@@ -87,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--grid", choices=("full", "runs", "quick"), default="full")
+    parser.add_argument("--grid", choices=("full", "runs", "paged", "quick"), default="full")
+    parser.add_argument("--paged", type=int, default=0,
+                        help="time the paged twin at this block size (0: the dense kernel)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     common.require_cuda(torch.device("cuda"), "tune_decode")
@@ -101,7 +122,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     summary = []
     for shape in (s for s in SHAPES if s[0] in wanted):
-        mine = sorted(sweep(shape, configs, args.repeats), key=lambda r: r["us"])
+        mine = sorted(sweep(shape, configs, args.repeats, args.paged), key=lambda r: r["us"])
         rows += mine
         torch.cuda.empty_cache()
         print(f"\n{shape[0]}\n" + common.markdown_table(mine[:8]), flush=True)
