@@ -20,6 +20,7 @@ import torch
 from vattn.bench import common
 from vattn.bench.decode import layers_for_cold_l2
 from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch
+from vattn.kernels.paged import paged_tiling
 
 # (name, batch, query heads, KV heads, head dim, context, equal lengths)
 SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-16k", 1, 16, 2, 128, 16384, True),
@@ -115,7 +116,7 @@ def main() -> None:
     header = common.device_environment(torch.device("cuda"))
     print(common.header_line(header))
     configs = tilings(args.grid)
-    default = default_tiling(128)
+    default = paged_tiling(128) if args.paged else default_tiling(128)
     if default not in configs:
         configs.append(default)
     wanted = args.shapes.split(",")
