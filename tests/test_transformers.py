@@ -1,0 +1,119 @@
+"""`VAttentionCache` in HF transformers on the CPU (host backend, float32): `generate`
+gives exactly the tokens of `DynamicCache`, the K/V it holds are the same, and the
+operations it refuses say so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vattn import InvalidArgument  # noqa: E402
+from vattn.integrations.transformers import VAttentionCache  # noqa: E402
+from vattn.layout import LAYOUTS  # noqa: E402
+
+VOCAB = 97
+
+
+def tiny_llama(attn: str) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config._attn_implementation = attn
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def vattn_cache(model: transformers.PreTrainedModel, batch: int, layout: str = "token_major",
+                max_cache_len: int = 200) -> VAttentionCache:
+    return VAttentionCache(model.config, max_batch_size=batch, max_cache_len=max_cache_len,
+                           device="cpu", dtype=torch.float32, layout=layout,
+                           page_size_bytes=64 << 10, debug_fill_nan=True)
+
+
+def left_padded(lengths: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(lengths)
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :width - n] = 0
+        ids[row, :width - n] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_generate_matches_dynamic_cache(attn: str, layout: str) -> None:
+    torch.manual_seed(3)
+    model = tiny_llama(attn)
+    gen = torch.Generator().manual_seed(11)
+    ids, mask = left_padded([5, 17, 1], gen)
+    ref_cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                             past_key_values=ref_cache)
+        with vattn_cache(model, 3, layout) as cache:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=20,
+                                 do_sample=False, past_key_values=cache)
+            assert torch.equal(got, ref)
+            # The K/V transformers attended over are the ones vattn holds.
+            assert cache.get_seq_length() == ref_cache.get_seq_length() == 17 + 19
+            for layer in range(3):
+                k, v = cache.cache.kv(layer)
+                n = cache.get_seq_length()
+                assert torch.equal(k[:3, :n].transpose(1, 2), ref_cache.layers[layer].keys)
+                assert torch.equal(v[:3, :n].transpose(1, 2), ref_cache.layers[layer].values)
+            assert cache.cache.stats().pages_mapped > 0
+
+
+def test_reset_starts_a_new_batch_and_reorder_permutes_rows() -> None:
+    torch.manual_seed(5)
+    model = tiny_llama("sdpa")
+    gen = torch.Generator().manual_seed(2)
+    with vattn_cache(model, 4) as cache, torch.no_grad():
+        ids, mask = left_padded([9, 4, 12], gen)
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                       past_key_values=cache)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.cache.stats().active_slots == 0
+        # A second batch, decoded by hand, rows reordered half-way (slots permuted, so
+        # the views are gathered from slots out of order).
+        ids, mask = left_padded([6, 6], gen)
+        ref_cache = transformers.DynamicCache(config=model.config)
+        caches = (ref_cache, cache)
+        outs = [model(ids, attention_mask=mask, past_key_values=c) for c in caches]
+        order = torch.tensor([1, 0])
+        for c in caches:
+            c.reorder_cache(order)
+        step = outs[0].logits[order, -1:].argmax(-1)
+        mask = torch.cat([mask[order], torch.ones_like(step)], 1)
+        outs = [model(step, attention_mask=mask, past_key_values=c) for c in caches]
+        assert not cache.in_order
+        assert torch.allclose(outs[1].logits, outs[0].logits, atol=1e-5, rtol=0)
+
+
+def test_refused_operations_and_bad_input_leave_the_cache_usable() -> None:
+    torch.manual_seed(1)
+    model = tiny_llama("sdpa")
+    with vattn_cache(model, 2, max_cache_len=64) as cache, torch.no_grad():
+        ids = torch.randint(1, VOCAB, (2, 8))
+        model(ids, past_key_values=cache)
+        with pytest.raises(NotImplementedError, match="not a permutation"):
+            cache.reorder_cache(torch.tensor([0, 0]))
+        with pytest.raises(NotImplementedError, match="cannot expand"):
+            cache.batch_repeat_interleave(2)
+        with pytest.raises(NotImplementedError, match="offloading"):
+            cache.layers[0].offload()
+        with pytest.raises(InvalidArgument, match="holds 2 rows"):
+            model(torch.randint(1, VOCAB, (3, 1)), past_key_values=cache)
+        with pytest.raises(InvalidArgument, match="exceed max_cache_len"):
+            model(torch.randint(1, VOCAB, (2, cache.cache.max_context_len)),
+                  past_key_values=cache)
+        with pytest.raises(InvalidArgument, match="the cache holds torch.float32"):
+            cache.update(torch.randn(2, 2, 1, 16, dtype=torch.float64),
+                         torch.randn(2, 2, 1, 16, dtype=torch.float64), 0)
+        assert cache.get_seq_length() == 8
+        cache.crop(-3)
+        assert [layer.get_seq_length() for layer in cache.layers] == [5, 5, 5]
+        out = model(torch.randint(1, VOCAB, (2, 1)), past_key_values=cache)
+        assert not torch.isnan(out.logits).any() and cache.get_seq_length() == 6

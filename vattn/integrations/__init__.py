@@ -1,0 +1,1 @@
+"""Integrations with serving frameworks: `vattn.integrations.transformers` (HF)."""

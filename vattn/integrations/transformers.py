@@ -1,0 +1,209 @@
+"""A HF transformers `Cache` backed by one `VirtualKVCache`.
+
+``model.generate(..., past_key_values=VAttentionCache(model.config, max_batch_size=4,
+max_cache_len=4096, device="cuda", dtype=torch.bfloat16))`` runs Llama-family models
+(transformers 5.x) with their K/V in vattn's virtual tensors. Each batch row gets a slot;
+every layer writes its new tokens at its own offset (transformers 5 calls
+``update(k, v, layer_idx)`` without cache positions) and returns ``[B, Hkv, L, D]``
+views of the slots, with no copy where the rows' slots are ``0..B-1`` in order (a
+fresh cache). Pages are mapped as the first layer of a forward sees the new length.
+
+Operations that would reassign the buffers are implemented where the virtual layout
+allows it (`reset`, `reorder_cache` with a permutation, `crop`) and refused with
+`NotImplementedError` otherwise (offloading, beam expansion).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from vattn.cache import VirtualKVCache
+from vattn.errors import InvalidArgument
+
+
+class VAttentionLayer(CacheLayerMixin):
+    """One model layer's view of the shared `VirtualKVCache`."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, owner: VAttentionCache, layer: int) -> None:
+        super().__init__()
+        self.owner, self.layer = owner, layer
+        self.num_tokens = 0
+        """Tokens this layer has written in every row (rows share one length)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``[B, Hkv, T, D]`` new K/V after this layer's tokens; return the rows'
+        ``[B, Hkv, L, D]`` K/V so far."""
+        first, count = self.num_tokens, key_states.shape[-2]
+        self.owner.reserve(key_states, first + count)
+        k, v = self.owner.cache.kv(self.layer)
+        rows = self.owner.rows
+        if self.owner.in_order:
+            k[:len(rows), first:first + count] = key_states.transpose(1, 2)
+            v[:len(rows), first:first + count] = value_states.transpose(1, 2)
+        else:
+            index = self.owner.row_slots
+            k[index, first:first + count] = key_states.transpose(1, 2)
+            v[index, first:first + count] = value_states.transpose(1, 2)
+        self.num_tokens = first + count
+        self.is_initialized = True
+        return self.owner.view(k, self.num_tokens), self.owner.view(v, self.num_tokens)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.num_tokens
+
+    def get_max_length(self) -> int:
+        return self.owner.cache.max_context_len
+
+    def reset(self) -> None:
+        self.num_tokens = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Done once for all layers by `VAttentionCache.reorder_cache`."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        keep = (self.num_tokens + tokens_to_remove if tokens_to_remove < 0
+                else min(tokens_to_remove, self.num_tokens))
+        self.num_tokens = max(0, keep)
+
+    def offload(self) -> None:
+        raise NotImplementedError("VAttentionCache keeps K/V in mapped device pages; "
+                                  "offloading is not supported")
+
+    def prefetch(self) -> None:
+        self.offload()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("VAttentionCache cannot expand its batch in place; "
+                                  "allocate the expanded batch up front instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("VAttentionCache cannot drop rows in place; free their "
+                                  "slots with a new cache per batch instead")
+
+
+class VAttentionCache(Cache):
+    """A transformers `Cache` whose K/V live in one `VirtualKVCache`.
+
+    Args:
+        config: the model's config (``num_hidden_layers``, ``num_key_value_heads``,
+            ``head_dim`` or ``hidden_size // num_attention_heads``).
+        max_batch_size: rows it can hold (slots).
+        max_cache_len: tokens a row can hold (prompt, padding and new tokens).
+        device, dtype: of the model's K/V.
+        **cache_kwargs: passed to `VirtualKVCache` (``layout``, ``page_size_bytes``,
+            ``memory_limit``, ``debug_fill_nan``, ...).
+
+    Example::
+
+        cache = VAttentionCache(model.config, max_batch_size=2, max_cache_len=2048,
+                                device="cuda", dtype=torch.bfloat16)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        cache.close()
+    """
+
+    def __init__(self, config: PreTrainedConfig, max_batch_size: int, max_cache_len: int,
+                 device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 **cache_kwargs: Any) -> None:
+        text = config.get_text_config(decoder=True)
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.cache = VirtualKVCache(
+            num_layers=text.num_hidden_layers,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=head_dim, dtype=dtype, max_batch_size=max_batch_size,
+            max_context_len=max_cache_len, device=device, **cache_kwargs)
+        self.rows: list[int] = []
+        """The slot of each batch row."""
+        self.row_slots = torch.empty(0, dtype=torch.long, device=self.cache.device)
+        self.in_order = True
+        self.num_tokens_mapped = 0
+        """The target every row's slot was last stepped to."""
+        super().__init__(layers=[VAttentionLayer(self, i)
+                                 for i in range(text.num_hidden_layers)])
+
+    # The rows, their slots and their pages.
+
+    def reserve(self, key_states: torch.Tensor, num_tokens: int) -> None:
+        """Give every row a slot (the first update) and map ``num_tokens`` for each."""
+        batch = key_states.shape[0]
+        if key_states.dtype != self.cache.config.dtype:
+            raise InvalidArgument(f"the model's K/V are {key_states.dtype}, the cache holds "
+                                  f"{self.cache.config.dtype}")
+        if num_tokens > self.cache.max_context_len:
+            raise InvalidArgument(f"{num_tokens} tokens a row exceed max_cache_len "
+                                  f"{self.cache.max_context_len}")
+        if not self.rows:
+            slots = []
+            try:
+                for _ in range(batch):
+                    slots.append(self.cache.allocate())
+            except BaseException:
+                for slot in slots:
+                    self.cache.free(slot)
+                raise
+            self._set_rows(slots)
+        elif batch != len(self.rows):
+            raise InvalidArgument(f"this cache holds {len(self.rows)} rows, the forward has "
+                                  f"{batch}; reset() it for a new batch")
+        if num_tokens > self.num_tokens_mapped:
+            self.cache.step(dict.fromkeys(self.rows, num_tokens))
+            self.num_tokens_mapped = num_tokens
+
+    def view(self, t: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The rows' first `num_tokens` of a ``[slots, Lmax, Hkv, D]`` tensor, as
+        ``[B, Hkv, L, D]``: a view when the rows hold slots ``0..B-1`` in order."""
+        if self.in_order:
+            return t[:len(self.rows), :num_tokens].transpose(1, 2)
+        return t[self.row_slots, :num_tokens].transpose(1, 2)
+
+    def _set_rows(self, slots: list[int]) -> None:
+        self.rows = slots
+        self.row_slots = torch.tensor(slots, dtype=torch.long, device=self.cache.device)
+        self.in_order = slots == list(range(len(slots)))
+
+    # transformers' Cache API.
+
+    def reset(self) -> None:
+        """Free every row's slot; the next forward starts a new batch."""
+        for slot in self.rows:
+            self.cache.free(slot)
+        self._set_rows([])
+        self.num_tokens_mapped = 0
+        for layer in self.layers:
+            layer.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row ``i`` takes row ``beam_idx[i]``'s K/V: a permutation of the rows' slots
+        (no data moves); a non-permutation would need copies and is refused."""
+        order = [int(i) for i in beam_idx.tolist()]
+        if sorted(order) != list(range(len(self.rows))):
+            raise NotImplementedError(f"VAttentionCache reorders rows by permuting their "
+                                      f"slots; {order} is not a permutation of "
+                                      f"{len(self.rows)} rows")
+        self._set_rows([self.rows[i] for i in order])
+
+    def close(self) -> None:
+        """Release the virtual cache (its views dangle afterwards)."""
+        self.cache.close()
+
+    def __enter__(self) -> VAttentionCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
