@@ -36,6 +36,7 @@ from vattn.errors import InvalidArgument
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 1024
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)     # fp32: exact dots, for tests
 MAX_BATCH = 4096        # rows a launch schedules (each program reads every row's length)
 
 
@@ -76,7 +77,7 @@ def _attend_block(  # type: ignore[no-untyped-def]
     q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
     stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
     HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Online softmax over one tile of BLOCK_N tokens: returns the new (m, l, acc).
 
@@ -103,7 +104,7 @@ def _attend_block(  # type: ignore[no-untyped-def]
     k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     qk = tl.where(n_mask[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -111,7 +112,7 @@ def _attend_block(  # type: ignore[no-untyped-def]
     v = tl.load(v_base + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
@@ -125,8 +126,9 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
-    INTERPRETED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
@@ -147,7 +149,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
-                     UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
+                     UPCAST, PRECISION, BLOCK_G, BLOCK_N, BLOCK_D)
             row += 1
     else:
         for row in range(first_row, last_row + 1):
@@ -156,7 +158,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
-                     UPCAST, BLOCK_G, BLOCK_N, BLOCK_D)
+                     UPCAST, PRECISION, BLOCK_G, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -168,7 +170,8 @@ def _segment(  # type: ignore[no-untyped-def]
     qk_scale, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Attend over the blocks of run `piece` (global blocks ``[lo, hi)``) that belong to
     `row`, and store the partial as number ``piece + row`` (unique: the runs after this
@@ -209,14 +212,14 @@ def _segment(  # type: ignore[no-untyped-def]
             m_i, l_i, acc = _attend_block(
                 q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
                 num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
-                KV_BLOCK, UPCAST, BLOCK_N, BLOCK_D)
+                KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
             block += 1
     else:
         for block in range(first_block, last_block):
             m_i, l_i, acc = _attend_block(
                 q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
                 num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
-                KV_BLOCK, UPCAST, BLOCK_N, BLOCK_D)
+                KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
 
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
@@ -355,7 +358,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Decode attention of one query token per request over its slot of the cache.
 
     Args:
-        q: ``[B, Hq, D]`` bf16/fp16, last dim contiguous.
+        q: ``[B, Hq, D]`` bf16/fp16 (fp32 too, with exact fp32 dots: slower, for
+            checks against float32 references), last dim contiguous.
         k_cache, v_cache: ``[num_slots, Lmax, Hkv, D]`` of q's dtype, any strides with the
             last dim contiguous (``VirtualKVCache.kv(layer)`` in either layout).
         cache_seqlens: ``[B]`` int32/int64, tokens of each request (the new token's K/V
@@ -423,6 +427,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         scale, batch, num_slots, max_len, splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
         HAS_SLOTS=slots is not None, UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     _reduce_kernel[(num_heads, batch)](
@@ -447,8 +452,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.
         if t.dim() != 4 or t.shape[3] != head_dim or t.shape != k.shape:
             raise InvalidArgument(f"{name} must be [slots, Lmax, Hkv, {head_dim}] like "
                                   f"k_cache, got {tuple(t.shape)}")
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise InvalidArgument(f"q, k_cache, v_cache must all be bf16 or all fp16, got "
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgument(f"q, k_cache, v_cache must all be bf16, fp16 or fp32, got "
                               f"{q.dtype}, {k.dtype}, {v.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise InvalidArgument("q, k_cache and v_cache need a contiguous last dim")

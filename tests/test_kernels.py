@@ -73,7 +73,7 @@ def _ints(values: object) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_decode_matches_the_float32_reference(layout: str, dtype: torch.dtype) -> None:
     page_tokens = PAGE // (HKV * D * dtype.itemsize * (2 if layout == "token_major" else 1))
     with make_cache(layout, dtype) as cache:
@@ -151,8 +151,8 @@ def test_append_never_writes_past_max_context_len() -> None:
 
 
 @pytest.mark.parametrize("change, message", [
-    ("fp32", "must all be bf16 or all fp16"),
-    ("mixed", "must all be bf16 or all fp16"),
+    ("fp64", "must all be bf16, fp16 or fp32"),
+    ("mixed", "must all be bf16, fp16 or fp32"),
     ("heads", "must be a multiple of KV heads"),
     ("q_shape", "q must be [B, Hq, D]"),
     ("lengths", "cache_seqlens must be [2] int32/int64"),
@@ -163,8 +163,8 @@ def test_decode_refuses_bad_input(change: str, message: str) -> None:
     v = torch.randn_like(k)
     q = torch.randn(2, 4, D, device=DEVICE).to(torch.float16)
     lengths = _ints([5, 7])
-    if change == "fp32":
-        q, k, v = q.float(), k.float(), v.float()
+    if change == "fp64":
+        q, k, v = q.double(), k.double(), v.double()
     elif change == "mixed":
         q = q.to(torch.bfloat16)
     elif change == "heads":

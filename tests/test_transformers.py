@@ -117,3 +117,30 @@ def test_refused_operations_and_bad_input_leave_the_cache_usable() -> None:
         assert [layer.get_seq_length() for layer in cache.layers] == [5, 5, 5]
         out = model(torch.randint(1, VOCAB, (2, 1)), past_key_values=cache)
         assert not torch.isnan(out.logits).any() and cache.get_seq_length() == 6
+
+
+@pytest.mark.parametrize("lengths", [[7, 7], [5, 17, 1]])
+def test_the_vattn_attention_function_runs_our_kernels(lengths: list[int]) -> None:
+    torch.manual_seed(7)
+    model = tiny_llama("sdpa")
+    gen = torch.Generator().manual_seed(len(lengths))
+    ids, mask = left_padded(lengths, gen)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             past_key_values=transformers.DynamicCache(config=model.config))
+        model.config._attn_implementation = "vattn"
+        with vattn_cache(model, len(lengths)) as cache:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=10,
+                                 do_sample=False, past_key_values=cache)
+            backends = dict(cache.backends)
+    assert torch.equal(got, ref)
+    padded = len(set(lengths)) > 1
+    # 3 layers: one prefill each, then 9 decode steps through the Triton kernel.
+    assert backends == {"vattn-triton": 27, ("sdpa-masked" if padded else "sdpa"): 3}
+
+
+def test_the_vattn_attention_function_needs_the_cache() -> None:
+    model = tiny_llama("sdpa")
+    model.config._attn_implementation = "vattn"
+    with pytest.raises(InvalidArgument, match="needs past_key_values=VAttentionCache"):
+        model(torch.randint(1, VOCAB, (1, 4)), use_cache=False)

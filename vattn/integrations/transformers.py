@@ -11,18 +11,31 @@ fresh cache). Pages are mapped as the first layer of a forward sees the new leng
 Operations that would reassign the buffers are implemented where the virtual layout
 allows it (`reset`, `reorder_cache` with a permutation, `crop`) and refused with
 `NotImplementedError` otherwise (offloading, beam expansion).
+
+Importing this module also registers the attention function ``"vattn"`` (with its mask
+function: without one transformers passes no mask and padding would be ignored). With
+``attn_implementation="vattn"`` decode runs `vattn.kernels.decode_attention` on the
+cache itself (left padding as per-row start offsets), and a prefill chunk
+`vattn.kernels.flash_attention` (SDPA with the mask where rows are padded).
+`VAttentionCache.backends` counts which kernel ran.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
-from transformers import PreTrainedConfig
+from transformers import AttentionInterface, PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from vattn.cache import VirtualKVCache
 from vattn.errors import InvalidArgument
+from vattn.kernels import decode_attention, flash_attention
+
+SOURCE = "_vattn_source"
+"""The attribute naming the (cache, layer) a returned K/V view comes from."""
 
 
 class VAttentionLayer(CacheLayerMixin):
@@ -59,7 +72,9 @@ class VAttentionLayer(CacheLayerMixin):
             v[index, first:first + count] = value_states.transpose(1, 2)
         self.num_tokens = first + count
         self.is_initialized = True
-        return self.owner.view(k, self.num_tokens), self.owner.view(v, self.num_tokens)
+        keys, values = self.owner.view(k, self.num_tokens), self.owner.view(v, self.num_tokens)
+        setattr(keys, SOURCE, (self.owner, self.layer))       # for the "vattn" attention
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.num_tokens + query_length, 0
@@ -134,6 +149,8 @@ class VAttentionCache(Cache):
         self.in_order = True
         self.num_tokens_mapped = 0
         """The target every row's slot was last stepped to."""
+        self.backends: Counter[str] = Counter()
+        """Calls of the ``"vattn"`` attention function, by the kernel that ran."""
         super().__init__(layers=[VAttentionLayer(self, i)
                                  for i in range(text.num_hidden_layers)])
 
@@ -174,7 +191,7 @@ class VAttentionCache(Cache):
 
     def _set_rows(self, slots: list[int]) -> None:
         self.rows = slots
-        self.row_slots = torch.tensor(slots, dtype=torch.long, device=self.cache.device)
+        self.row_slots = torch.tensor(slots, dtype=torch.int32, device=self.cache.device)
         self.in_order = slots == list(range(len(slots)))
 
     # transformers' Cache API.
@@ -207,3 +224,44 @@ class VAttentionCache(Cache):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def vattn_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None,
+                    scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention function ``"vattn"``: `query` ``[B, Hq, Lq, D]``, `key` /
+    `value` the views `VAttentionCache` returned, `attention_mask` the boolean
+    ``[B, 1, Lq, L]`` mask of `sdpa_mask` (None: no padding). Returns ``[B, Lq, Hq, D]``.
+    Padding must be on the left (as `generate` pads decoder-only models)."""
+    source = getattr(key, SOURCE, None)
+    if source is None:
+        raise InvalidArgument("attn_implementation='vattn' needs "
+                              "past_key_values=VAttentionCache(...)")
+    if dropout:
+        raise InvalidArgument(f"the vattn attention function has no dropout, got {dropout}")
+    owner, layer = source
+    k, v = owner.cache.kv(layer)
+    batch, _, num_q, _ = query.shape
+    lengths = torch.full((batch,), key.shape[-2], dtype=torch.int32, device=query.device)
+    if num_q == 1:
+        # Left padding: a row attends from its first unmasked token.
+        starts = (None if attention_mask is None else
+                  attention_mask[:, 0, -1].int().argmax(-1).int())
+        out = decode_attention(query[:, :, 0], k, v, lengths, owner.row_slots, starts,
+                               softmax_scale=scaling)
+        owner.backends["vattn-triton"] += 1
+        return out[:, None], None
+    if attention_mask is None:
+        result = flash_attention(query.transpose(1, 2), k, v, lengths, owner.row_slots,
+                                 causal=True, softmax_scale=scaling)
+        owner.backends[result.backend] += 1
+        return result.out, None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    owner.backends["sdpa-masked"] += 1
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("vattn", vattn_attention)
+AttentionMaskInterface.register("vattn", sdpa_mask)
