@@ -145,7 +145,7 @@ class VAttentionCache(Cache):
             max_context_len=max_cache_len, device=device, **cache_kwargs)
         self.rows: list[int] = []
         """The slot of each batch row."""
-        self.row_slots = torch.empty(0, dtype=torch.long, device=self.cache.device)
+        self.row_slots = torch.empty(0, dtype=torch.int32, device=self.cache.device)
         self.in_order = True
         self.num_tokens_mapped = 0
         """The target every row's slot was last stepped to."""
