@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call for the kernels: install, the GPU tests, `vattn bench decode` (its
 # arguments passed through) and, with TUNE=1, the tiling sweep. Logs and JSON under $OUT.
-# FlashAttention-3 joins when .fa3/ (carried, git-ignored) holds vLLM's _vllm_fa3_C.abi3.so.xz.
+# FlashAttention-3 joins when .fa3/ (carried, git-ignored) holds vLLM's _vllm_fa3_C.abi3.so.xz:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 vllm==0.25.0   # then, from the wheel (a zip):
+#   unzip -p vllm-*.whl vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so | xz -9 > .fa3/_vllm_fa3_C.abi3.so.xz
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/vattn-out}"; mkdir -p "$out"
