@@ -215,6 +215,32 @@ class VAttentionCache(Cache):
                                       f"{len(self.rows)} rows")
         self._set_rows([self.rows[i] for i in order])
 
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+        """The ``"vattn"`` attention of `query` ``[B, Hq, Lq, D]`` over the rows' slots;
+        `attention_mask` is `sdpa_mask`'s boolean ``[B, 1, Lq, L]`` (None: no padding).
+        Padding must be on the left (as `generate` pads decoder-only models)."""
+        k, v = self.cache.kv(layer)
+        batch, _, num_q, _ = query.shape
+        lengths = torch.full((batch,), key.shape[-2], dtype=torch.int32, device=query.device)
+        if num_q == 1:
+            # Left padding: a row attends from its first unmasked token.
+            starts = (None if attention_mask is None else
+                      attention_mask[:, 0, -1].int().argmax(-1).int())
+            out = decode_attention(query[:, :, 0], k, v, lengths, self.row_slots, starts,
+                                   softmax_scale=scaling)
+            self.backends["vattn-triton"] += 1
+            return out[:, None]
+        if attention_mask is None:
+            result = flash_attention(query.transpose(1, 2), k, v, lengths, self.row_slots,
+                                     causal=True, softmax_scale=scaling)
+            self.backends[result.backend] += 1
+            return result.out
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+        self.backends["sdpa-masked"] += 1
+        return out.transpose(1, 2)
+
     def close(self) -> None:
         """Release the virtual cache (its views dangle afterwards)."""
         self.cache.close()
@@ -231,9 +257,9 @@ def vattn_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     scaling: float | None = None, dropout: float = 0.0,
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention function ``"vattn"``: `query` ``[B, Hq, Lq, D]``, `key` /
-    `value` the views `VAttentionCache` returned, `attention_mask` the boolean
-    ``[B, 1, Lq, L]`` mask of `sdpa_mask` (None: no padding). Returns ``[B, Lq, Hq, D]``.
-    Padding must be on the left (as `generate` pads decoder-only models)."""
+    `value` what the vattn cache's `update` returned; the cache that returned them
+    computes the attention on its own tensors (`VAttentionCache.attend`,
+    `vattn.integrations.engine.PackedCache.attend`). Returns ``[B, Lq, Hq, D]``."""
     source = getattr(key, SOURCE, None)
     if source is None:
         raise InvalidArgument("attn_implementation='vattn' needs "
@@ -241,26 +267,7 @@ def vattn_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if dropout:
         raise InvalidArgument(f"the vattn attention function has no dropout, got {dropout}")
     owner, layer = source
-    k, v = owner.cache.kv(layer)
-    batch, _, num_q, _ = query.shape
-    lengths = torch.full((batch,), key.shape[-2], dtype=torch.int32, device=query.device)
-    if num_q == 1:
-        # Left padding: a row attends from its first unmasked token.
-        starts = (None if attention_mask is None else
-                  attention_mask[:, 0, -1].int().argmax(-1).int())
-        out = decode_attention(query[:, :, 0], k, v, lengths, owner.row_slots, starts,
-                               softmax_scale=scaling)
-        owner.backends["vattn-triton"] += 1
-        return out[:, None], None
-    if attention_mask is None:
-        result = flash_attention(query.transpose(1, 2), k, v, lengths, owner.row_slots,
-                                 causal=True, softmax_scale=scaling)
-        owner.backends[result.backend] += 1
-        return result.out, None
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
-    owner.backends["sdpa-masked"] += 1
-    return out.transpose(1, 2), None
+    return owner.attend(layer, query, key, value, attention_mask, scaling), None
 
 
 AttentionInterface.register("vattn", vattn_attention)
