@@ -11,12 +11,23 @@
 
 Never import this folder as a top-level `kernels`: transformers probes for an unrelated
 package of that name.
+
+Where torch sees no CUDA device the kernels run through Triton's interpreter
+(``TRITON_INTERPRET=1`` is set before they are defined, unless already set): slow, but
+the same code, which is how CI and CPU users run them.
 """
 
-from vattn.kernels.append import append_kv
-from vattn.kernels.decode import Tiling, decode_attention, default_tiling, num_splits_for
-from vattn.kernels.flash import FlashResult, available_backends, flash_attention
-from vattn.kernels.paged import paged_decode_attention
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vattn.kernels.append import append_kv  # noqa: E402
+from vattn.kernels.decode import Tiling, decode_attention, default_tiling, num_splits_for  # noqa: E402
+from vattn.kernels.flash import FlashResult, available_backends, flash_attention  # noqa: E402
+from vattn.kernels.paged import paged_decode_attention  # noqa: E402
 
 __all__ = ["FlashResult", "Tiling", "append_kv", "available_backends", "decode_attention",
            "default_tiling", "flash_attention", "num_splits_for", "paged_decode_attention"]

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from vattn.errors import InvalidArgument
+from vattn.kernels.decode import require_runnable
 
 
 @triton.jit
@@ -77,6 +78,7 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
         lengths += 1
     """
     _check(k_cache, v_cache, k_new, v_new, positions, slots, counts)
+    require_runnable(k_cache.device)
     batch, num_new, num_kv_heads, head_dim = k_new.shape
     if batch == 0 or num_new == 0:
         return

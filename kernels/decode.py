@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vattn.errors import InvalidArgument
+from vattn.errors import InvalidArgument, VattnError
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 1024
@@ -295,6 +295,16 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def require_runnable(device: torch.device) -> None:
+    """CPU tensors need Triton's interpreter, and it must have been on when triton was
+    first imported (its own library functions are defined then)."""
+    if device.type == "cpu" and type(tl.cumsum).__name__ != "InterpretedFunction":
+        raise VattnError("vattn's Triton kernels run on CPU tensors only through Triton's "
+                         "interpreter, which was off when triton was imported: set "
+                         "TRITON_INTERPRET=1 before importing torch/triton/transformers "
+                         "(or import vattn.kernels first)")
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -405,6 +415,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
                               f"last dim, got {tuple(out.shape)} {out.dtype}")
     if batch == 0:
         return out
+    require_runnable(q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiling = tiling or default_tiling(head_dim)
     splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, tiling)
