@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "present, else cpu)")
     p_info.add_argument("--page-mib", type=_mib, default=2 << 20, dest="page_size_bytes",
                         help="page size for the self-check, MiB (default 2)")
+    from vattn import demo
+
+    demo.add_arguments(commands.add_parser("demo", help=(demo.__doc__ or "").splitlines()[0]))
     p_bench = commands.add_parser("bench", help="benchmarks")
     benches = p_bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
@@ -99,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return info(device, args.page_size_bytes)
+        if args.command == "demo":
+            from vattn import demo
+
+            return demo.run(args, device, _emit)
         return BENCHES[args.bench].run(args, device, _emit)
     except VattnError as exc:
         print(f"vattn: error: {exc}", file=sys.stderr)
