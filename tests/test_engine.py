@@ -77,3 +77,11 @@ def test_vattn_demo_runs_and_checks_itself(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "outputs equal to DynamicCache + generate: 4/4 requests" in out
     assert "MiB mapped" in out and "tokens/s" in out
+
+
+@pytest.mark.gpu
+def test_vattn_demo_on_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--requests", "12", "--max-batch", "4", "--chunk", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs equal to DynamicCache + generate" in out
+    assert "'vattn-triton'" in out

@@ -144,3 +144,46 @@ def test_the_vattn_attention_function_needs_the_cache() -> None:
     model.config._attn_implementation = "vattn"
     with pytest.raises(InvalidArgument, match="needs past_key_values=VAttentionCache"):
         model(torch.randint(1, VOCAB, (1, 4)), use_cache=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "vattn"])
+def test_bf16_llama_3_8b_heads_on_the_gpu(attn: str) -> None:
+    """Llama-3-8B heads (32 / 8 / 128), 2 layers, bf16, left-padded batch: teacher-forced
+    over a prefill and 8 decode steps, logits within a tolerance of `DynamicCache` +
+    SDPA, and the same tokens wherever the reference's top-2 margin exceeds it."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=4096, intermediate_size=4096, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(config).to(device="cuda",
+                                                     dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = left_padded([1500, 37, 1024], gen)
+    ids, mask = ids.cuda(), mask.cuda()
+    ref_cache = transformers.DynamicCache(config=config)
+    cache = VAttentionCache(config, max_batch_size=3, max_cache_len=1600, device="cuda",
+                            dtype=torch.bfloat16, debug_fill_nan=True)
+    tolerance = 0.05
+    try:
+        step = ids
+        for _ in range(9):
+            with torch.no_grad():
+                config._attn_implementation = "sdpa"
+                ref = model(step, attention_mask=mask, past_key_values=ref_cache).logits[:, -1]
+                config._attn_implementation = attn
+                got = model(step, attention_mask=mask, past_key_values=cache).logits[:, -1]
+            assert not torch.isnan(got).any()
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < tolerance, err
+            top2 = ref.float().topk(2, dim=-1).values
+            sure = (top2[:, 0] - top2[:, 1]) > tolerance * ref.float().abs().max()
+            assert torch.equal(got.argmax(-1)[sure], ref.argmax(-1)[sure])
+            step = ref.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(step)], 1)
+        if attn == "vattn":
+            assert cache.backends["vattn-triton"] == 2 * 8
+    finally:
+        config._attn_implementation = "sdpa"
+        cache.close()
