@@ -85,3 +85,15 @@ def test_vattn_demo_on_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "outputs equal to DynamicCache + generate" in out
     assert "'vattn-triton'" in out
+
+
+def test_a_request_that_cannot_fit_alone_is_an_error_not_a_hang() -> None:
+    model = tiny_llama("sdpa")
+    engine = Engine(model, max_batch_size=2, max_cache_len=4000, page_size_bytes=64 << 10,
+                    memory_limit=4 * (64 << 10))
+    try:
+        engine.add(Request([3] * 3000, max_new_tokens=2))
+        with pytest.raises(InvalidArgument, match="does not fit this cache even alone"):
+            engine.step()
+    finally:
+        engine.close()

@@ -217,12 +217,20 @@ class Engine:
 
     def step(self) -> list[Request]:
         """One forward: every running request decodes a token, and the oldest request
-        still in its prompt prefills a chunk. Returns the requests that finished."""
+        still in its prompt prefills a chunk. Returns the requests that finished.
+
+        A request is admitted when its whole length fits the free pages; the growth of
+        requests already running is not reserved, so a tight memory limit can still
+        raise `OutOfPages` here (nothing changed: call again after freeing memory)."""
         vm = self.cache.cache
         while self.waiting and vm.can_allocate(self._tokens_needed(self.waiting[0])):
             request = self.waiting.pop(0)
             request.slot = vm.allocate()
             self.running.append(request)
+        if self.waiting and not self.running:
+            raise InvalidArgument(f"a request of {self._tokens_needed(self.waiting[0])} "
+                                  f"tokens does not fit this cache even alone (memory "
+                                  f"limit {vm.stats().memory_limit_bytes} bytes)")
         pieces, owners = self._schedule()
         if not pieces:
             return []
