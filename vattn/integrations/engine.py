@@ -26,9 +26,8 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from vattn.cache import VirtualKVCache
 from vattn.errors import InvalidArgument
-from vattn.integrations.transformers import SOURCE
+from vattn.integrations.transformers import SOURCE, cache_for
 from vattn.kernels import decode_attention, flash_attention
 
 
@@ -109,18 +108,13 @@ class PackedCache(Cache):
 
     def __init__(self, config: PreTrainedConfig, max_batch_size: int, max_cache_len: int,
                  device: str | torch.device, dtype: torch.dtype, **cache_kwargs: Any) -> None:
-        text = config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
-        self.cache = VirtualKVCache(
-            num_layers=text.num_hidden_layers,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-            dtype=dtype, max_batch_size=max_batch_size, max_context_len=max_cache_len,
-            device=device, **cache_kwargs)
+        self.cache = cache_for(config, max_batch_size, max_cache_len, device, dtype,
+                               **cache_kwargs)
         self.pieces: list[Piece] = []
         self.backends: Counter[str] = Counter()
         """Attention calls by the kernel that ran."""
-        super().__init__(layers=[PackedLayer(self, i) for i in range(text.num_hidden_layers)])
+        super().__init__(layers=[PackedLayer(self, i)
+                                 for i in range(self.cache.config.num_layers)])
 
     def plan(self, pieces: Sequence[Piece]) -> torch.Tensor:
         """Set the next forward's pieces, in token order; return its ``[1, N]`` position

@@ -38,6 +38,21 @@ SOURCE = "_vattn_source"
 """The attribute naming the (cache, layer) a returned K/V view comes from."""
 
 
+def cache_for(config: PreTrainedConfig, max_batch_size: int, max_cache_len: int,
+              device: str | torch.device, dtype: torch.dtype,
+              **cache_kwargs: Any) -> VirtualKVCache:
+    """A `VirtualKVCache` shaped for a model's config (``num_hidden_layers``,
+    ``num_key_value_heads``, ``head_dim`` or ``hidden_size // num_attention_heads``)."""
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    return VirtualKVCache(
+        num_layers=text.num_hidden_layers,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        dtype=dtype, max_batch_size=max_batch_size, max_context_len=max_cache_len,
+        device=device, **cache_kwargs)
+
+
 class VAttentionLayer(CacheLayerMixin):
     """One model layer's view of the shared `VirtualKVCache`."""
 
@@ -135,14 +150,8 @@ class VAttentionCache(Cache):
     def __init__(self, config: PreTrainedConfig, max_batch_size: int, max_cache_len: int,
                  device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  **cache_kwargs: Any) -> None:
-        text = config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        self.cache = VirtualKVCache(
-            num_layers=text.num_hidden_layers,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=head_dim, dtype=dtype, max_batch_size=max_batch_size,
-            max_context_len=max_cache_len, device=device, **cache_kwargs)
+        self.cache = cache_for(config, max_batch_size, max_cache_len, device, dtype,
+                               **cache_kwargs)
         self.rows: list[int] = []
         """The slot of each batch row."""
         self.row_slots = torch.empty(0, dtype=torch.int32, device=self.cache.device)
@@ -152,7 +161,7 @@ class VAttentionCache(Cache):
         self.backends: Counter[str] = Counter()
         """Calls of the ``"vattn"`` attention function, by the kernel that ran."""
         super().__init__(layers=[VAttentionLayer(self, i)
-                                 for i in range(text.num_hidden_layers)])
+                                 for i in range(self.cache.config.num_layers)])
 
     # The rows, their slots and their pages.
 
