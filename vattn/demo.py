@@ -98,7 +98,6 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
              f"attention calls: {dict(engine.cache.backends)}")
     finally:
         engine.close()
-        config._attn_implementation = "sdpa"        # the engine set "vattn"
     if args.no_check:
         return 0
     matched = 0

@@ -168,8 +168,8 @@ class Engine:
     """Continuous batching of greedy requests over a `PackedCache`.
 
     Args:
-        model: a HF causal LM (Llama family) whose config has
-            ``_attn_implementation = "vattn"`` set by the engine.
+        model: a HF causal LM (Llama family); its config's ``_attn_implementation``
+            is ``"vattn"`` until `close`.
         max_batch_size: requests running at once (slots).
         max_cache_len: tokens a request can hold (prompt plus output).
         chunk_size: prompt tokens prefilled per iteration, beside the decodes.
@@ -188,10 +188,11 @@ class Engine:
         if chunk_size < 1:
             raise InvalidArgument(f"chunk_size must be >= 1, got {chunk_size}")
         param = next(model.parameters())
-        model.config._attn_implementation = "vattn"
         self.model, self.chunk_size = model, chunk_size
         self.cache = PackedCache(model.config, max_batch_size, max_cache_len, param.device,
                                  param.dtype, **cache_kwargs)
+        self._attn_before = model.config._attn_implementation
+        model.config._attn_implementation = "vattn"
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.finished: list[Request] = []
@@ -286,4 +287,6 @@ class Engine:
         return request.prompt[piece.first:piece.first + piece.num_tokens]
 
     def close(self) -> None:
+        """Release the cache and give the model back its attention implementation."""
+        self.model.config._attn_implementation = self._attn_before
         self.cache.close()
