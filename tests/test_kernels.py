@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from vattn import InvalidArgument, VirtualKVCache
 from vattn.kernels import append_kv, decode_attention, paged_decode_attention
@@ -336,3 +338,32 @@ def test_tiling_is_validated_and_sets_the_run_count() -> None:
                    min_blocks_per_run=8)
     assert num_splits_for(cpu, 2, 2, 1000, short) == 4           # 2 x 16 tiles / 8
     assert num_splits_for(cpu, 1, 2, 10, short) == 1
+
+
+# No shrinking: through the interpreter it takes minutes; a failing example is printed.
+@settings(max_examples=12, deadline=None, derandomize=True,
+          phases=(Phase.explicit, Phase.generate),
+          suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40), st.integers(0, 3)),
+                     min_size=1, max_size=6),
+       splits=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_any_schedule_matches_the_reference(rows: list[tuple[int, int, int]], splits: int,
+                                            seed: int) -> None:
+    # Random lengths (empty ones too), left padding past the length, shared slots and
+    # run counts from one run for the batch to more runs than tiles.
+    lengths = [n for n, _, _ in rows]
+    starts = [s for _, s, _ in rows]
+    slots = [s for _, _, s in rows]
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(4, 300, HKV, D, generator=gen).to(DEVICE, torch.float16)
+    v = torch.randn(4, 300, HKV, D, generator=gen).to(DEVICE, torch.float16)
+    q = torch.randn(len(rows), 2 * HKV, D, generator=gen).to(DEVICE, torch.float16)
+    out = decode_attention(q, k, v, _ints(lengths), _ints(slots), _ints(starts),
+                           num_splits=splits)
+    ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
+    assert not torch.isnan(out).any()
+    for row, (n, start) in enumerate(zip(lengths, starts, strict=True)):
+        if n <= start:
+            assert torch.equal(out[row], torch.zeros_like(out[row]))
+        else:
+            assert relative_error(out[row:row + 1], ref[row:row + 1]) < 1e-2, row
