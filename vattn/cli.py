@@ -9,13 +9,13 @@ from collections.abc import Sequence
 
 import torch
 
-from vattn.bench import alloc, core, decode, overlap
+from vattn.bench import alloc, core, decode, e2e, overlap
 from vattn.config import resolve_device
 from vattn.driver import open_backend
 from vattn.errors import VattnError
 from vattn.views import byte_view
 
-BENCHES = {"alloc": alloc, "core": core, "decode": decode, "overlap": overlap}
+BENCHES = {"alloc": alloc, "core": core, "decode": decode, "e2e": e2e, "overlap": overlap}
 
 
 def _emit(item: object) -> None:

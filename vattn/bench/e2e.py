@@ -1,0 +1,197 @@
+"""End-to-end decode throughput on KV backends compared (vAttention Fig. 9a).
+
+Yi-6B- and Llama-3-8B-shaped decoders (random weights, bf16, all layers), every request
+starting at `--context` tokens (the cache filled directly: the figure is about decode),
+batch 1..32, `--steps` decode steps. The same model code (`e2e_model.Decoder`) runs on
+each backend: ``vattn`` (virtual cache, our kernels), ``static`` (every row's maximum
+preallocated, the same kernels), ``paged-16`` / ``paged-128`` (block tables kept
+incrementally, the paged twin of our kernel); ``hf-static`` is transformers' own Llama
+with its StaticCache and SDPA, eager. On a GPU our backends' step is captured in a CUDA
+graph (host work between replays: vattn's `step_async`, the block-table entries), and
+GPU time per step is reported beside tokens/s so host overhead shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vattn.bench import common
+from vattn.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from vattn.bench.e2e_model import Decoder, Shape
+
+BACKENDS = ("vattn", "static", "paged-16", "paged-128", "hf-static")
+MODEL_NAMES = ("llama-3-8b", "yi-6b", "tiny")   # e2e_model.MODELS, imported lazily (kernels)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
+    parser.add_argument("--models", default="yi-6b,llama-3-8b", help=f"of {MODEL_NAMES}")
+    parser.add_argument("--batches", default="1,2,4,8,16,32")
+    parser.add_argument("--context", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--no-graph", action="store_true", help="eager steps on a GPU too")
+    parser.add_argument("--json", default=None)
+
+
+def make_kv(name: str, shape: Shape, batch: int, max_len: int, device: torch.device,
+            dtype: torch.dtype) -> Any:
+    from vattn.bench.e2e_model import ContiguousKV, PagedKV
+
+    if name in ("vattn", "static"):
+        return ContiguousKV(name, shape, batch, max_len, device, dtype)
+    if name.startswith("paged-"):
+        return PagedKV(int(name.split("-")[1]), shape, batch, max_len, device, dtype)
+    raise InvalidArgument(f"unknown backend {name!r}; known: {BACKENDS}")
+
+
+def decode(decoder: Decoder, kv: Any, batch: int, context: int, steps: int, graph: bool,
+           seed: int = 1) -> tuple[list[list[int]], float, float]:
+    """Fill `context` random tokens a row, then `steps` greedy steps. Returns the tokens
+    (one list a step), wall seconds per step and GPU seconds per step (0 eager)."""
+    s, dev = decoder.shape, decoder.embed.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    kv.prepare(context + 1)
+    for layer in range(s.num_layers):
+        k, v = (torch.randn(batch, context, s.num_kv_heads, s.head_dim, device=dev,
+                            generator=gen).to(decoder.embed.dtype) for _ in range(2))
+        kv.fill(layer, k, v)
+    tokens = torch.randint(0, s.vocab, (batch,), device=dev, generator=gen)
+    positions = torch.full((batch,), context, dtype=torch.int32, device=dev)
+
+    def step() -> None:
+        tokens.copy_(decoder.step(tokens, positions, kv))
+        positions.add_(1)
+
+    out: list[list[int]] = []
+    run: Callable[[], None] = step
+    if graph:
+        step()                                  # compile and allocate outside the capture
+        out.append(tokens.tolist())
+        kv.before_step(context + 1)
+        torch.cuda.synchronize()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        # Capturing ran nothing: the rows are still at context + 1.
+        run = captured.replay
+    done, events = len(out), []
+    start = time.perf_counter()
+    for i in range(done, steps):
+        kv.before_step(context + i + 1)
+        if graph:
+            pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            pair[0].record()
+            run()
+            pair[1].record()
+            events.append(pair)
+        else:
+            run()
+        out.append(tokens.tolist() if not graph else [])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / max(1, steps - done)
+    gpu = common.median([a.elapsed_time(b) / 1e3 for a, b in events]) if events else 0.0
+    return out, wall, gpu
+
+
+def hf_static(shape: Shape, batch: int, context: int, steps: int,
+              device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """transformers' Llama with its StaticCache (filled to `context`) and SDPA, eager:
+    wall seconds per step, and 0 GPU seconds (not captured)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        max_position_embeddings=context + steps + 8)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).eval()
+    torch.nn.Module.to(model, dtype=dtype)
+    cache = transformers.StaticCache(config=config, max_cache_len=context + steps + 1)
+    cache.early_initialization(batch, shape.num_kv_heads, shape.head_dim, dtype, device)
+    layer: Any
+    for layer in cache.layers:          # StaticLayer: keys/values [B, Hkv, Lmax, D]
+        layer.keys[:, :, :context].normal_()
+        layer.values[:, :, :context].normal_()
+        layer.cumulative_length.fill_(context)
+    tokens = torch.randint(0, shape.vocab, (batch, 1), device=device)
+    with torch.no_grad():
+        start = 0.0
+        for i in range(steps):
+            if i == 1:                          # the first step compiles and allocates
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            position = torch.full((batch, 1), context + i, device=device)
+            logits = model(input_ids=tokens, position_ids=position,
+                           past_key_values=cache, use_cache=True).logits
+            tokens = logits[:, -1:].argmax(-1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    del model, cache
+    return (time.perf_counter() - start) / max(1, steps - 1), 0.0
+
+
+def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> int:
+    dev = torch.device(device)
+    if args.steps < 2 or args.context < 1:
+        raise InvalidArgument(f"--steps must be >= 2 and --context >= 1, got {args.steps} "
+                              f"and {args.context}")
+    backends = [b for b in args.backends.split(",") if b]
+    for name in backends:
+        if name not in BACKENDS:
+            raise InvalidArgument(f"unknown backend {name!r}; known: {BACKENDS}")
+    models = [m for m in args.models.split(",") if m]
+    for name in models:
+        if name not in MODEL_NAMES:
+            raise InvalidArgument(f"unknown model {name!r}; known: {MODEL_NAMES}")
+    from vattn.bench.e2e_model import MODELS, Decoder
+
+    header = common.device_environment(dev)
+    emit(common.header_line(header))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    graph = dev.type == "cuda" and not args.no_graph
+    rows: list[dict[str, Any]] = []
+    for model_name in models:
+        shape = MODELS[model_name]
+        decoder = Decoder(shape, dev, dtype)
+        for batch in (int(b) for b in args.batches.split(",") if b):
+            max_len = args.context + args.steps + 1
+            base = {"model": model_name, "batch": batch, "context": args.context}
+            for name in backends:
+                try:
+                    if name == "hf-static":
+                        wall, gpu = hf_static(shape, batch, args.context, args.steps, dev,
+                                              dtype)
+                    else:
+                        kv = make_kv(name, shape, batch, max_len, dev, dtype)
+                        try:
+                            _, wall, gpu = decode(decoder, kv, batch, args.context,
+                                                  args.steps, graph and name != "hf-static")
+                        finally:
+                            kv.close()
+                except torch.OutOfMemoryError:
+                    rows.append({**base, "backend": name, "tokens/s": "OOM", "step us": "-",
+                                 "GPU us": "-"})
+                    continue
+                finally:
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append({**base, "backend": name, "tokens/s": round(batch / wall, 1),
+                             "step us": round(wall * 1e6, 1),
+                             "GPU us": round(gpu * 1e6, 1) if gpu else "-"})
+                emit(common.markdown_table(rows[-1:]))
+    emit("\n" + common.markdown_table(rows))
+    if args.json:
+        common.write_json(args.json, {"environment": header, "rows": rows})
+    return 0
