@@ -32,10 +32,11 @@ MODEL_NAMES = ("llama-3-8b", "yi-6b", "tiny")   # e2e_model.MODELS, imported laz
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
-    parser.add_argument("--models", default="yi-6b,llama-3-8b", help=f"of {MODEL_NAMES}")
-    parser.add_argument("--batches", default="1,2,4,8,16,32")
-    parser.add_argument("--context", type=int, default=16384)
-    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--models", default=None,
+                        help=f"of {MODEL_NAMES}; default yi-6b,llama-3-8b (tiny on a CPU)")
+    parser.add_argument("--batches", default=None, help="default 1,2,4,8,16,32 (1,2 on a CPU)")
+    parser.add_argument("--context", type=int, default=None, help="default 16384 (256)")
+    parser.add_argument("--steps", type=int, default=None, help="default 256 (8)")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--no-graph", action="store_true", help="eager steps on a GPU too")
     parser.add_argument("--json", default=None)
@@ -144,6 +145,11 @@ def hf_static(shape: Shape, batch: int, context: int, steps: int,
 
 def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> int:
     dev = torch.device(device)
+    cpu = dev.type == "cpu"
+    args.models = args.models or ("tiny" if cpu else "yi-6b,llama-3-8b")
+    args.batches = args.batches or ("1,2" if cpu else "1,2,4,8,16,32")
+    args.context = args.context or (256 if cpu else 16384)
+    args.steps = args.steps or (8 if cpu else 256)
     if args.steps < 2 or args.context < 1:
         raise InvalidArgument(f"--steps must be >= 2 and --context >= 1, got {args.steps} "
                               f"and {args.context}")
