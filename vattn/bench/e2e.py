@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--no-graph", action="store_true", help="eager steps on a GPU too")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="PNG: tokens/s per batch, a panel a model")
 
 
 def make_kv(name: str, shape: Shape, batch: int, max_len: int, device: torch.device,
@@ -197,7 +198,44 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
                              "step us": round(wall * 1e6, 1),
                              "GPU us": round(gpu * 1e6, 1) if gpu else "-"})
                 emit(common.markdown_table(rows[-1:]))
+            _ratios([r for r in rows if r["model"] == model_name and r["batch"] == batch])
     emit("\n" + common.markdown_table(rows))
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
+    if args.plot:
+        plot(args.plot, rows)
     return 0
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Each backend's tokens/s over vattn's, in the same (model, batch)."""
+    ours = next((r["tokens/s"] for r in rows if r["backend"] == "vattn"), None)
+    for row in rows:
+        rate = row["tokens/s"]
+        row["vattn / it"] = (f"{ours / rate:.2f}x" if isinstance(ours, float)
+                             and isinstance(rate, float) else "-")
+
+
+def plot(path: str, rows: list[dict[str, Any]]) -> None:
+    """Tokens/s against batch, a line a backend, a panel a model (like Fig. 9a)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model and isinstance(r["tokens/s"], float)]
+        for backend in dict.fromkeys(r["backend"] for r in mine):
+            pts = [r for r in mine if r["backend"] == backend]
+            ax.plot([r["batch"] for r in pts], [r["tokens/s"] for r in pts], "-o",
+                    label=backend, markersize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"{model}, context {mine[0]['context'] if mine else '?'}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
