@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vattn.config import resolve_device
-from vattn.errors import InvalidArgument
+from vattn.errors import InvalidArgument, VattnError
 
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -48,7 +48,11 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
     cpu = dev.type == "cpu"
     if cpu:     # before triton is first imported (transformers imports it)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import transformers
+    try:
+        import transformers
+    except ImportError as exc:
+        raise VattnError("vattn demo needs transformers: pip install 'vattn[transformers]'"
+                         ) from exc
 
     from vattn.integrations.engine import Engine, Request
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vattn.bench import common
-from vattn.errors import InvalidArgument
+from vattn.errors import InvalidArgument, VattnError
 
 if TYPE_CHECKING:
     from vattn.bench.e2e_model import Decoder, Shape
@@ -108,7 +108,11 @@ def hf_static(shape: Shape, batch: int, context: int, steps: int,
               device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """transformers' Llama with its StaticCache (filled to `context`) and SDPA, eager:
     wall seconds per step, and 0 GPU seconds (not captured)."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as exc:
+        raise VattnError("backend hf-static needs transformers: pip install "
+                         "'vattn[transformers]' (or leave it out of --backends)") from exc
 
     config = transformers.LlamaConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
