@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from vattn import InvalidArgument  # noqa: E402
+from vattn.errors import Unsupported  # noqa: E402
 from vattn.integrations.transformers import VAttentionCache  # noqa: E402
 from vattn.layout import LAYOUTS  # noqa: E402
 
@@ -98,11 +99,12 @@ def test_refused_operations_and_bad_input_leave_the_cache_usable() -> None:
     with vattn_cache(model, 2, max_cache_len=64) as cache, torch.no_grad():
         ids = torch.randint(1, VOCAB, (2, 8))
         model(ids, past_key_values=cache)
-        with pytest.raises(NotImplementedError, match="not a permutation"):
+        assert issubclass(Unsupported, NotImplementedError)   # what transformers expects
+        with pytest.raises(Unsupported, match="not a permutation"):
             cache.reorder_cache(torch.tensor([0, 0]))
-        with pytest.raises(NotImplementedError, match="cannot expand"):
+        with pytest.raises(Unsupported, match="cannot expand"):
             cache.batch_repeat_interleave(2)
-        with pytest.raises(NotImplementedError, match="offloading"):
+        with pytest.raises(Unsupported, match="offloading"):
             cache.layers[0].offload()
         with pytest.raises(InvalidArgument, match="holds 2 rows"):
             model(torch.randint(1, VOCAB, (3, 1)), past_key_values=cache)

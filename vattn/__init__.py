@@ -1,11 +1,12 @@
 """vattn: a KV cache in contiguous virtual memory, physical pages mapped on demand.
 
 Public API: `VirtualKVCache` (with `CacheStats`), and the errors `VattnError`,
-`OutOfPages`, `OutOfSlots`, `InvalidArgument`, `DriverError`.
+`OutOfPages`, `OutOfSlots`, `InvalidArgument`, `Unsupported`, `DriverError`.
 """
 
 from vattn.cache import VirtualKVCache
-from vattn.errors import DriverError, InvalidArgument, OutOfPages, OutOfSlots, VattnError
+from vattn.errors import (DriverError, InvalidArgument, OutOfPages, OutOfSlots, Unsupported,
+                          VattnError)
 from vattn.stats import CacheStats
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "InvalidArgument",
     "OutOfPages",
     "OutOfSlots",
+    "Unsupported",
     "VattnError",
     "VirtualKVCache",
 ]

@@ -28,6 +28,11 @@ class InvalidArgument(VattnError, ValueError):
     expected and what was given."""
 
 
+class Unsupported(VattnError, NotImplementedError):
+    """An operation vattn refuses by design (it would need data copied or moved that the
+    virtual layout keeps in place); nothing was changed."""
+
+
 class DriverError(VattnError):
     """A virtual-memory driver call failed; partial work of the operation was undone."""
 

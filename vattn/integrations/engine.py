@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from vattn.errors import InvalidArgument
-from vattn.integrations.transformers import SOURCE, cache_for
+from vattn.integrations.transformers import SOURCE, SlotLayer, cache_for
 from vattn.kernels import decode_attention, flash_attention
 
 
@@ -66,19 +66,8 @@ class Piece:
     num_tokens: int
 
 
-class PackedLayer(CacheLayerMixin):
+class PackedLayer(SlotLayer):
     """One layer of `PackedCache`: writes a packed forward's K/V into the slots."""
-
-    is_compileable = False
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self, owner: PackedCache, layer: int) -> None:
-        super().__init__()
-        self.owner, self.layer = owner, layer
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +85,6 @@ class PackedLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return 0                        # positions come with each forward
-
-    def get_max_length(self) -> int:
-        return self.owner.cache.max_context_len
 
 
 class PackedCache(Cache):

@@ -10,7 +10,8 @@ fresh cache). Pages are mapped as the first layer of a forward sees the new leng
 
 Operations that would reassign the buffers are implemented where the virtual layout
 allows it (`reset`, `reorder_cache` with a permutation, `crop`) and refused with
-`NotImplementedError` otherwise (offloading, beam expansion).
+`vattn.errors.Unsupported` (a `NotImplementedError`) otherwise (offloading, beam
+expansion).
 
 Importing this module also registers the attention function ``"vattn"`` (with its mask
 function: without one transformers passes no mask and padding would be ignored). With
@@ -31,7 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from vattn.cache import VirtualKVCache
-from vattn.errors import InvalidArgument
+from vattn.errors import InvalidArgument, Unsupported
 from vattn.kernels import decode_attention, flash_attention
 
 SOURCE = "_vattn_source"
@@ -53,22 +54,34 @@ def cache_for(config: PreTrainedConfig, max_batch_size: int, max_cache_len: int,
         device=device, **cache_kwargs)
 
 
-class VAttentionLayer(CacheLayerMixin):
-    """One model layer's view of the shared `VirtualKVCache`."""
+class SlotLayer(CacheLayerMixin):
+    """What the layers of vattn's transformers caches share: one model layer of the
+    owner's `VirtualKVCache` (``owner.cache``), nothing allocated lazily."""
 
     is_compileable = False
     is_sliding = False
-    is_croppable = True
     supports_early_init = False
 
-    def __init__(self, owner: VAttentionCache, layer: int) -> None:
+    def __init__(self, owner: Any, layer: int) -> None:
         super().__init__()
         self.owner, self.layer = owner, layer
-        self.num_tokens = 0
-        """Tokens this layer has written in every row (rows share one length)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
+
+    def get_max_length(self) -> int:
+        return int(self.owner.cache.max_context_len)
+
+
+class VAttentionLayer(SlotLayer):
+    """One model layer's view of the shared `VirtualKVCache`."""
+
+    is_croppable = True
+
+    def __init__(self, owner: VAttentionCache, layer: int) -> None:
+        super().__init__(owner, layer)
+        self.num_tokens = 0
+        """Tokens this layer has written in every row (rows share one length)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +110,6 @@ class VAttentionLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.num_tokens
 
-    def get_max_length(self) -> int:
-        return self.owner.cache.max_context_len
-
     def reset(self) -> None:
         self.num_tokens = 0
 
@@ -112,18 +122,18 @@ class VAttentionLayer(CacheLayerMixin):
         self.num_tokens = max(0, keep)
 
     def offload(self) -> None:
-        raise NotImplementedError("VAttentionCache keeps K/V in mapped device pages; "
+        raise Unsupported("VAttentionCache keeps K/V in mapped device pages; "
                                   "offloading is not supported")
 
     def prefetch(self) -> None:
         self.offload()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("VAttentionCache cannot expand its batch in place; "
+        raise Unsupported("VAttentionCache cannot expand its batch in place; "
                                   "allocate the expanded batch up front instead")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("VAttentionCache cannot drop rows in place; free their "
+        raise Unsupported("VAttentionCache cannot drop rows in place; free their "
                                   "slots with a new cache per batch instead")
 
 
@@ -219,7 +229,7 @@ class VAttentionCache(Cache):
         (no data moves); a non-permutation would need copies and is refused."""
         order = [int(i) for i in beam_idx.tolist()]
         if sorted(order) != list(range(len(self.rows))):
-            raise NotImplementedError(f"VAttentionCache reorders rows by permuting their "
+            raise Unsupported(f"VAttentionCache reorders rows by permuting their "
                                       f"slots; {order} is not a permutation of "
                                       f"{len(self.rows)} rows")
         self._set_rows([self.rows[i] for i in order])
