@@ -5,8 +5,14 @@ Public API: `VirtualKVCache` (with `CacheStats`), and the errors `VattnError`,
 """
 
 from vattn.cache import VirtualKVCache
-from vattn.errors import (DriverError, InvalidArgument, OutOfPages, OutOfSlots, Unsupported,
-                          VattnError)
+from vattn.errors import (
+                          DriverError,
+                          InvalidArgument,
+                          OutOfPages,
+                          OutOfSlots,
+                          Unsupported,
+                          VattnError,
+)
 from vattn.stats import CacheStats
 
 __all__ = [
