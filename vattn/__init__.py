@@ -6,12 +6,12 @@ Public API: `VirtualKVCache` (with `CacheStats`), and the errors `VattnError`,
 
 from vattn.cache import VirtualKVCache
 from vattn.errors import (
-                          DriverError,
-                          InvalidArgument,
-                          OutOfPages,
-                          OutOfSlots,
-                          Unsupported,
-                          VattnError,
+    DriverError,
+    InvalidArgument,
+    OutOfPages,
+    OutOfSlots,
+    Unsupported,
+    VattnError,
 )
 from vattn.stats import CacheStats
 
