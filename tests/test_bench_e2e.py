@@ -34,11 +34,11 @@ def test_bench_e2e_runs(tmp_path, device: str) -> None:  # type: ignore[no-untyp
     pytest.importorskip("transformers")
     out = tmp_path / "e2e.json"
     assert main(["bench", "e2e", "--device", device, "--models", "tiny", "--batches", "2",
-                 "--context", "40", "--steps", "4", "--json", str(out),
+                 "--context", "40", "--steps", "4", "--repeats", "2", "--json", str(out),
                  "--plot", str(tmp_path / "e2e.png")]) == 0
     assert (tmp_path / "e2e.png").stat().st_size > 0
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["vattn / it"] == "1.00x"
     assert [r["backend"] for r in rows] == ["vattn", "static", "paged-16", "paged-128",
                                             "hf-static"]
-    assert all(r["tokens/s"] > 0 for r in rows)
+    assert all(r["tokens/s"] > 0 and r["spread"].endswith("%") for r in rows)

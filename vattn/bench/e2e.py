@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=None, help="default 16384 (256)")
     parser.add_argument("--steps", type=int, default=None, help="default 256 (8)")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every backend, interleaved; tokens/s is the median "
+                             "and 'spread' (max - min) / median is the noise band")
     parser.add_argument("--no-graph", action="store_true", help="eager steps on a GPU too")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG: tokens/s per batch, a panel a model")
@@ -155,9 +158,9 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
     args.batches = args.batches or ("1,2" if cpu else "1,2,4,8,16,32")
     args.context = args.context or (256 if cpu else 16384)
     args.steps = args.steps or (8 if cpu else 256)
-    if args.steps < 2 or args.context < 1:
-        raise InvalidArgument(f"--steps must be >= 2 and --context >= 1, got {args.steps} "
-                              f"and {args.context}")
+    if args.steps < 2 or args.context < 1 or args.repeats < 1:
+        raise InvalidArgument(f"--steps must be >= 2, --context and --repeats >= 1, got "
+                              f"{args.steps}, {args.context} and {args.repeats}")
     backends = [b for b in args.backends.split(",") if b]
     for name in backends:
         if name not in BACKENDS:
@@ -177,38 +180,63 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
         shape = MODELS[model_name]
         decoder = Decoder(shape, dev, dtype)
         for batch in (int(b) for b in args.batches.split(",") if b):
-            max_len = args.context + args.steps + 1
             base = {"model": model_name, "batch": batch, "context": args.context}
-            for name in backends:
-                try:
-                    if name == "hf-static":
-                        wall, gpu = hf_static(shape, batch, args.context, args.steps, dev,
-                                              dtype)
-                    else:
-                        kv = make_kv(name, shape, batch, max_len, dev, dtype)
-                        try:
-                            _, wall, gpu = decode(decoder, kv, batch, args.context,
-                                                  args.steps, graph and name != "hf-static")
-                        finally:
-                            kv.close()
-                except torch.OutOfMemoryError:
-                    rows.append({**base, "backend": name, "tokens/s": "OOM", "step us": "-",
-                                 "GPU us": "-"})
-                    continue
-                finally:
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append({**base, "backend": name, "tokens/s": round(batch / wall, 1),
-                             "step us": round(wall * 1e6, 1),
-                             "GPU us": round(gpu * 1e6, 1) if gpu else "-"})
-                emit(common.markdown_table(rows[-1:]))
-            _ratios([r for r in rows if r["model"] == model_name and r["batch"] == batch])
+            walls: dict[str, list[float]] = {name: [] for name in backends}
+            gpus: dict[str, list[float]] = {name: [] for name in backends}
+            out_of_memory: set[str] = set()
+            for rnd in range(args.repeats):
+                # Rounds rotate the order, so no backend always runs first or last.
+                for name in backends[rnd % len(backends):] + backends[:rnd % len(backends)]:
+                    result = (None if name in out_of_memory else
+                              _measure(name, decoder, batch, args, dev, dtype, graph))
+                    if result is None:
+                        out_of_memory.add(name)
+                        walls[name].clear()
+                        continue
+                    walls[name].append(result[0])
+                    gpus[name].append(result[1])
+            batch_rows = [_row(base, name, walls[name], gpus[name]) for name in backends]
+            _ratios(batch_rows)
+            emit(common.markdown_table(batch_rows))
+            rows += batch_rows
     emit("\n" + common.markdown_table(rows))
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
     if args.plot:
         plot(args.plot, rows)
     return 0
+
+
+def _measure(name: str, decoder: Decoder, batch: int, args: argparse.Namespace,
+             dev: torch.device, dtype: torch.dtype, graph: bool) -> tuple[float, float] | None:
+    """One backend's wall and GPU seconds per step, or None when it ran out of memory."""
+    try:
+        if name == "hf-static":
+            return hf_static(decoder.shape, batch, args.context, args.steps, dev, dtype)
+        kv = make_kv(name, decoder.shape, batch, args.context + args.steps + 1, dev, dtype)
+        try:
+            _, wall, gpu = decode(decoder, kv, batch, args.context, args.steps, graph)
+        finally:
+            kv.close()
+        return wall, gpu
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _row(base: dict[str, Any], name: str, walls: list[float],
+         gpus: list[float]) -> dict[str, Any]:
+    if not walls:
+        return {**base, "backend": name, "tokens/s": "OOM", "spread": "-", "step us": "-",
+                "GPU us": "-"}
+    rates = [base["batch"] / w for w in walls]
+    rate, gpu = common.median(rates), common.median(gpus)
+    return {**base, "backend": name, "tokens/s": round(rate, 1),
+            "spread": f"{(max(rates) - min(rates)) / rate:.1%}" if len(rates) > 1 else "-",
+            "step us": round(common.median(walls) * 1e6, 1),
+            "GPU us": round(gpu * 1e6, 1) if gpu else "-"}
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:

@@ -169,9 +169,14 @@ class PagedKV:
             new += [(row, j, self.free.pop()) for j in range(have, need)]
             self.num_blocks[row] = max(have, need)
         if new:
-            rows, cols, ids = zip(*new, strict=True)
-            self.table[list(rows), list(cols)] = torch.tensor(ids, dtype=torch.int32).to(
-                self.table.device)
+            # One host-to-device copy of (flat index, block id) pairs, from pinned memory
+            # and without a stream sync, as a serving engine ships its table deltas.
+            per_row = self.table.shape[1]
+            pairs = torch.tensor([(r * per_row + j, i) for r, j, i in new], dtype=torch.int64)
+            if self.table.is_cuda:
+                pairs = pairs.pin_memory()
+            pairs = pairs.to(self.table.device, non_blocking=True)
+            self.table.view(-1)[pairs[:, 0]] = pairs[:, 1].to(torch.int32)
 
     def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows' first tokens ``[B, n, Hkv, D]`` into their blocks (`prepare` first)."""
