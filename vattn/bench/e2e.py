@@ -25,6 +25,7 @@ from vattn.errors import InvalidArgument, VattnError
 
 if TYPE_CHECKING:
     from vattn.bench.e2e_model import Decoder, Shape
+    from vattn.layout import LayoutName
 
 BACKENDS = ("vattn", "static", "paged-16", "paged-128", "hf-static")
 MODEL_NAMES = ("llama-3-8b", "yi-6b", "tiny")   # e2e_model.MODELS, imported lazily (kernels)
@@ -38,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=None, help="default 16384 (256)")
     parser.add_argument("--steps", type=int, default=None, help="default 256 (8)")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--layout", choices=("per_layer", "token_major"), default="per_layer",
+                        help="the vattn backend's layout; per_layer gives the kernels the "
+                             "static backend's strides (token_major: every layer's K of a "
+                             "token together, a larger token stride)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of every backend, interleaved; tokens/s is the median "
                              "and 'spread' (max - min) / median is the noise band")
@@ -47,11 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_kv(name: str, shape: Shape, batch: int, max_len: int, device: torch.device,
-            dtype: torch.dtype) -> Any:
+            dtype: torch.dtype, layout: LayoutName = "per_layer") -> Any:
     from vattn.bench.e2e_model import ContiguousKV, PagedKV
 
     if name in ("vattn", "static"):
-        return ContiguousKV(name, shape, batch, max_len, device, dtype)
+        return ContiguousKV(name, shape, batch, max_len, device, dtype, layout=layout)
     if name.startswith("paged-"):
         return PagedKV(int(name.split("-")[1]), shape, batch, max_len, device, dtype)
     raise InvalidArgument(f"unknown backend {name!r}; known: {BACKENDS}")
@@ -173,6 +178,7 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
 
     header = common.device_environment(dev)
     emit(common.header_line(header))
+    emit(f"vattn backend layout: {args.layout}")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     graph = dev.type == "cuda" and not args.no_graph
     rows: list[dict[str, Any]] = []
@@ -201,7 +207,8 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
             rows += batch_rows
     emit("\n" + common.markdown_table(rows))
     if args.json:
-        common.write_json(args.json, {"environment": header, "rows": rows})
+        common.write_json(args.json, {"environment": header, "vattn_layout": args.layout,
+                                      "rows": rows})
     if args.plot:
         plot(args.plot, rows)
     return 0
@@ -213,7 +220,8 @@ def _measure(name: str, decoder: Decoder, batch: int, args: argparse.Namespace,
     try:
         if name == "hf-static":
             return hf_static(decoder.shape, batch, args.context, args.steps, dev, dtype)
-        kv = make_kv(name, decoder.shape, batch, args.context + args.steps + 1, dev, dtype)
+        kv = make_kv(name, decoder.shape, batch, args.context + args.steps + 1, dev, dtype,
+                     args.layout)
         try:
             _, wall, gpu = decode(decoder, kv, batch, args.context, args.steps, graph)
         finally:

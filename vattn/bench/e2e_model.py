@@ -20,6 +20,7 @@ import torch
 
 from vattn.cache import VirtualKVCache
 from vattn.kernels import append_kv, decode_attention, paged_decode_attention
+from vattn.layout import LayoutName
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,11 +99,13 @@ class ContiguousKV:
     kernels ``[B, Lmax, Hkv, D]`` views."""
 
     def __init__(self, name: str, shape: Shape, batch: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype, **cache_kwargs: Any) -> None:
+                 device: torch.device, dtype: torch.dtype, layout: LayoutName = "per_layer",
+                 **cache_kwargs: Any) -> None:
         self.name, self.cache = name, None
         if name == "vattn":
             self.cache = VirtualKVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim,
-                                        dtype, batch, max_len, device, **cache_kwargs)
+                                        dtype, batch, max_len, device, layout=layout,
+                                        **cache_kwargs)
             for _ in range(batch):
                 self.cache.allocate()
             self.tensors = [self.cache.kv(i) for i in range(shape.num_layers)]
