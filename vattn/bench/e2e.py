@@ -190,6 +190,7 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
             walls: dict[str, list[float]] = {name: [] for name in backends}
             gpus: dict[str, list[float]] = {name: [] for name in backends}
             out_of_memory: set[str] = set()
+            held: dict[str, int] = {}
             for rnd in range(args.repeats):
                 # Rounds rotate the order, so no backend always runs first or last.
                 for name in backends[rnd % len(backends):] + backends[:rnd % len(backends)]:
@@ -201,7 +202,9 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
                         continue
                     walls[name].append(result[0])
                     gpus[name].append(result[1])
-            batch_rows = [_row(base, name, walls[name], gpus[name]) for name in backends]
+                    held[name] = result[2]
+            batch_rows = [_row(base, name, walls[name], gpus[name], held.get(name, 0))
+                          for name in backends]
             _ratios(batch_rows)
             emit(common.markdown_table(batch_rows))
             rows += batch_rows
@@ -215,18 +218,21 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
 
 
 def _measure(name: str, decoder: Decoder, batch: int, args: argparse.Namespace,
-             dev: torch.device, dtype: torch.dtype, graph: bool) -> tuple[float, float] | None:
-    """One backend's wall and GPU seconds per step, or None when it ran out of memory."""
+             dev: torch.device, dtype: torch.dtype, graph: bool
+             ) -> tuple[float, float, int] | None:
+    """One backend's wall and GPU seconds per step and the K/V bytes it held at the end
+    (0: not measured), or None when it ran out of memory."""
     try:
         if name == "hf-static":
-            return hf_static(decoder.shape, batch, args.context, args.steps, dev, dtype)
+            return *hf_static(decoder.shape, batch, args.context, args.steps, dev, dtype), 0
         kv = make_kv(name, decoder.shape, batch, args.context + args.steps + 1, dev, dtype,
                      args.layout)
         try:
             _, wall, gpu = decode(decoder, kv, batch, args.context, args.steps, graph)
+            held = kv.held_bytes()
         finally:
             kv.close()
-        return wall, gpu
+        return wall, gpu, held
     except torch.OutOfMemoryError:
         return None
     finally:
@@ -234,17 +240,18 @@ def _measure(name: str, decoder: Decoder, batch: int, args: argparse.Namespace,
             torch.cuda.empty_cache()
 
 
-def _row(base: dict[str, Any], name: str, walls: list[float],
-         gpus: list[float]) -> dict[str, Any]:
+def _row(base: dict[str, Any], name: str, walls: list[float], gpus: list[float],
+         held: int) -> dict[str, Any]:
     if not walls:
         return {**base, "backend": name, "tokens/s": "OOM", "spread": "-", "step us": "-",
-                "GPU us": "-"}
+                "GPU us": "-", "KV MiB": "-"}
     rates = [base["batch"] / w for w in walls]
     rate, gpu = common.median(rates), common.median(gpus)
     return {**base, "backend": name, "tokens/s": round(rate, 1),
             "spread": f"{(max(rates) - min(rates)) / rate:.1%}" if len(rates) > 1 else "-",
             "step us": round(common.median(walls) * 1e6, 1),
-            "GPU us": round(gpu * 1e6, 1) if gpu else "-"}
+            "GPU us": round(gpu * 1e6, 1) if gpu else "-",
+            "KV MiB": round(held / 2**20, 1) if held else "-"}
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:

@@ -140,6 +140,13 @@ class ContiguousKV:
         kc, vc = self.tensors[layer]
         return decode_attention(q, kc, vc, positions + 1)
 
+    def held_bytes(self) -> int:
+        """K/V memory held: vattn's mapped pages, or the whole static reservation."""
+        if self.cache is not None:
+            stats = self.cache.stats()
+            return stats.pages_mapped * stats.page_size_bytes
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.tensors)
+
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
@@ -202,6 +209,10 @@ class PagedKV:
     def attend(self, layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         kb, vb = self.pool[layer]
         return paged_decode_attention(q, kb, vb, self.table, positions + 1)
+
+    def held_bytes(self) -> int:
+        """K/V memory held: the whole block pool, preallocated as a paged server does."""
+        return sum(p.numel() * p.element_size() for p in self.pool)
 
     def close(self) -> None:
         self.pool.clear()
