@@ -1,0 +1,436 @@
+"""POD-style fused prefill + decode attention on the virtual cache, in one launch.
+
+A hybrid batch (chunked prefill) holds one prefill chunk, compute-bound, and many
+decodes, memory-bound. Run back to back, each kernel leaves the other's resource idle.
+Here both kinds of work are cut into units and handed out at run time by a persistent
+grid, so that prefill tiles and decode splits run on every SM at once::
+
+    prefill tiles   (query block of BLOCK_M chunk tokens, query head): causal attention
+                    over the slot's cached prefix and the chunk
+    decode splits   (request, KV head, split of SPLIT tokens): the GQA group's query
+                    heads packed into a 16-row tile; the split that arrives last at its
+                    (request, KV head) merges the partials (no second launch)
+
+Each program loops: it reads the SM it runs on (``%smid``), takes a ticket from that
+SM's counter, and the ticket's kind follows the policy (``"proportional"``: prefill
+tickets in the ratio of prefill to all units, spread evenly; ``"50:50"``: alternate),
+so programs resident on one SM take both kinds. It then claims the next unit of that
+kind from the kind's global counter, or of the other kind when that is exhausted, and
+stops when both are. Counters and partials live in a workspace zeroed by the caller
+(one memset); nothing syncs with the host, so a step can be captured in a CUDA graph.
+
+The prefill chunk's K/V must already be in the cache (`append_kv`), at tokens
+``[prefix_len, prefix_len + chunk)`` of its slot, as for `flash_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from vattn.errors import InvalidArgument
+from vattn.kernels.decode import (
+    DTYPES,
+    LOG2E,
+    _attend_block,
+    _interpreted,
+    _sm_count,
+    require_runnable,
+)
+
+Policy = Literal["proportional", "50:50"]
+POLICIES: tuple[Policy, ...] = ("proportional", "50:50")
+
+
+@dataclass(slots=True, frozen=True)
+class PodTiling:
+    """How `pod_attention` cuts its work."""
+
+    block_m: int = 64
+    """Chunk tokens per prefill tile."""
+    block_n: int = 64
+    """K/V tokens per inner tile (both kinds)."""
+    split: int = 2048
+    """Tokens per decode split (a multiple of `block_n`)."""
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 2
+    """Resident programs per SM (the persistent grid)."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.split < self.block_n or self.split % self.block_n:
+            raise ValueError(f"split must be a positive multiple of block_n "
+                             f"({self.block_n}), got {self.split}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if min(self.num_stages, self.programs_per_sm) < 1:
+            raise ValueError(f"num_stages and programs_per_sm must be >= 1, got "
+                             f"{self.num_stages} and {self.programs_per_sm}")
+
+
+@triton.jit
+def _smid(INTERPRETED: tl.constexpr, NUM_SM: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The SM this program runs on (the interpreter has none: the program id)."""
+    if INTERPRETED:
+        return tl.program_id(0) % NUM_SM
+    else:
+        return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32,
+                                         is_pure=False, pack=1) % NUM_SM
+
+
+@triton.jit
+def _prefill_tile(  # type: ignore[no-untyped-def]
+    tile, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk, slot,
+    stride_qm, stride_qh, stride_om, stride_oh,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Causal attention of chunk tokens ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of one
+    query head (tile = m * NUM_HEADS + head) over the slot's tokens up to each one."""
+    m = tile // NUM_HEADS
+    head = tile % NUM_HEADS
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < chunk
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(qp_ptr + offs_m[:, None] * stride_qm + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kv_head = head // GROUP
+    k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+    last = prefix + offs_m            # each query's own position: it sees tokens <= last
+    end = tl.minimum(prefix + (m + 1) * BLOCK_M, prefix + chunk)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    num_blocks = tl.cdiv(end, BLOCK_N)
+    if INTERPRETED:
+        block = 0
+        while block < num_blocks:
+            m_i, l_i, acc = _causal_block(q, k_base, v_base, block, last, end, m_i, l_i,
+                                          acc, stride_kl, stride_vl, qk_scale, offs_n,
+                                          offs_d, d_mask, UPCAST, PRECISION, BLOCK_N)
+            block += 1
+    else:
+        for block in range(0, num_blocks):
+            m_i, l_i, acc = _causal_block(q, k_base, v_base, block, last, end, m_i, l_i,
+                                          acc, stride_kl, stride_vl, qk_scale, offs_n,
+                                          offs_d, d_mask, UPCAST, PRECISION, BLOCK_N)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(op_ptr + offs_m[:, None] * stride_om + head * stride_oh + offs_d[None, :],
+             out.to(op_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _causal_block(  # type: ignore[no-untyped-def]
+    q, k_base, v_base, block, last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
+    offs_n, offs_d, d_mask, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pos = block * BLOCK_N + offs_n
+    n_mask = pos < end
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    pos64 = pos.to(tl.int64)[:, None]
+    k = tl.load(k_base + pos64 * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    qk = tl.where(n_mask[None, :] & (pos[None, :] <= last[:, None]), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)      # rows past the chunk
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    v = tl.load(v_base + pos64 * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _decode_split(  # type: ignore[no-untyped-def]
+    unit, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, part_ptr, lse_ptr,
+    arrive_ptr, num_slots, max_len,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
+    NUM_KV_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
+    a partial over its tokens; the last split to arrive merges all of them."""
+    pair = unit // NUM_SPLITS
+    split = unit % NUM_SPLITS
+    row = pair // NUM_KV_HEADS
+    kv_head = pair % NUM_KV_HEADS
+    end = tl.minimum(tl.load(lens_ptr + row).to(tl.int32), max_len)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        end = tl.where((slot >= 0) & (slot < num_slots), end, 0)
+        slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)
+    else:
+        slot = row.to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(qd_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+    lo = split * SPLIT
+    first_block = 0
+    last_block = tl.cdiv(tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0), BLOCK_N)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if INTERPRETED:
+        block = first_block
+        while block < last_block:
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
+                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
+                PRECISION, BLOCK_N, BLOCK_D)
+            block += 1
+    else:
+        for block in range(first_block, last_block):
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
+                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
+                PRECISION, BLOCK_N, BLOCK_D)
+    has = l_i > 0
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    part = part_ptr + (unit * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
+    tl.store(part, acc / tl.where(has, l_i, 1.0)[:, None])
+    tl.store(lse_ptr + unit * BLOCK_G + offs_g, lse)
+    # Release this CTA's partial, then count the arrival; the last one merges.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrive_ptr + pair, 1, sem="acq_rel", scope="gpu")
+    if arrived == NUM_SPLITS - 1:
+        tl.debug_barrier()
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_G], tl.float32)
+        total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for s in range(NUM_SPLITS):
+            other = pair * NUM_SPLITS + s
+            lse_s = tl.load(lse_ptr + other * BLOCK_G + offs_g, cache_modifier=".cg")
+            o_s = tl.load(part_ptr + (other * BLOCK_G + offs_g[:, None]) * BLOCK_D
+                          + offs_d[None, :], cache_modifier=".cg")
+            m_new = tl.maximum(m, lse_s)
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
+            w = tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m_safe), 0.0)
+            denom = denom * scale + w
+            total = total * scale[:, None] + o_s * w[:, None]
+            m = m_new
+        out = total / tl.where(denom > 0, denom, 1.0)[:, None]
+        tl.store(od_ptr + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(od_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _pod_kernel(  # type: ignore[no-untyped-def]
+    qp_ptr, op_ptr, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr,
+    part_ptr, lse_ptr, counters_ptr, arrive_ptr,
+    prefix, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,
+    stride_qpm, stride_qph, stride_opm, stride_oph,
+    stride_qdb, stride_qdh, stride_odb, stride_odh,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, FIFTY_FIFTY: tl.constexpr,
+    NUM_SM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets.
+    sm = _smid(INTERPRETED, NUM_SM)
+    total = num_prefill + num_decode
+    busy = total > 0
+    while busy:
+        local = tl.atomic_add(counters_ptr + 2 + sm, 1)
+        if FIFTY_FIFTY:
+            want_prefill = local % 2 == 0
+        else:   # ticket i is prefill when floor(i * P / T) steps: P of every T, spread
+            want_prefill = ((local + 1) * num_prefill) // total > (local * num_prefill) // total
+        kind = tl.where(want_prefill, 0, 1)
+        unit = tl.atomic_add(counters_ptr + kind, 1)
+        if unit >= tl.where(kind == 0, num_prefill, num_decode):
+            kind = 1 - kind         # that kind is exhausted: the other one
+            unit = tl.atomic_add(counters_ptr + kind, 1)
+        busy = unit < tl.where(kind == 0, num_prefill, num_decode)
+        if busy:
+            if kind == 0:
+                _prefill_tile(unit, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk,
+                              tl.cast(prefill_slot, tl.int64), stride_qpm, stride_qph, stride_opm,
+                              stride_oph, stride_kb, stride_kl, stride_kh, stride_vb,
+                              stride_vl, stride_vh, qk_scale, NUM_HEADS,
+                              NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, UPCAST, PRECISION,
+                              INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+            else:
+                _decode_split(unit, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr,
+                              part_ptr, lse_ptr, arrive_ptr, num_slots, max_len, stride_qdb,
+                              stride_qdh, stride_odb, stride_odh, stride_kb, stride_kl,
+                              stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
+                              NUM_KV_HEADS, NUM_SPLITS, NUM_HEADS // NUM_KV_HEADS, HEAD_DIM,
+                              HAS_SLOTS, UPCAST, PRECISION, INTERPRETED, SPLIT, BLOCK_G,
+                              BLOCK_N, BLOCK_D)
+
+
+@functools.cache
+def _num_programs(device: torch.device, programs_per_sm: int) -> tuple[int, int]:
+    """(SMs, persistent programs) for `device`; the interpreter gets 3 programs on 2
+    pretend SMs, so that both kinds and the hand-over between them are exercised."""
+    if device.type != "cuda":
+        return 2, 3
+    sms = _sm_count(device)
+    return sms, sms * programs_per_sm
+
+
+def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, prefill_slot: int, prefix_len: int,
+                  decode_seqlens: torch.Tensor, decode_slots: torch.Tensor | None = None,
+                  softmax_scale: float | None = None, policy: Policy = "proportional",
+                  tiling: PodTiling | None = None,
+                  out_prefill: torch.Tensor | None = None,
+                  out_decode: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill chunk's causal attention and many decodes' attention, in one launch.
+
+    Args:
+        q_prefill: ``[chunk, Hq, D]``, the chunk's queries: token ``prefix_len + i`` of
+            slot `prefill_slot` for row ``i``; their K/V already appended.
+        q_decode: ``[B, Hq, D]``, one query token per decoding request.
+        k_cache, v_cache: ``[num_slots, Lmax, Hkv, D]`` strided views
+            (``VirtualKVCache.kv(layer)``, either layout), last dim contiguous.
+        prefill_slot, prefix_len: the chunk's slot and its cached tokens before it.
+        decode_seqlens: ``[B]`` int32/int64, each decode's tokens (its new K/V
+            appended); values past ``Lmax`` are clamped.
+        decode_slots: ``[B]``, the slot each decode reads (default row ``b``: slot
+            ``b``); a slot out of range reads nothing (zero output).
+        softmax_scale: default ``D ** -0.5``.
+        policy: ``"proportional"`` or ``"50:50"``, how each SM's programs alternate
+            between prefill and decode units.
+        tiling: default `PodTiling()`.
+        out_prefill, out_decode: outputs to write into (CUDA graphs).
+
+    Returns ``(out_prefill [chunk, Hq, D], out_decode [B, Hq, D])``, q's dtype; equal
+    within rounding to `flash_attention` on the chunk and `decode_attention` on the
+    decodes.
+    """
+    tiling = tiling or PodTiling()
+    chunk, num_heads, head_dim = _check(q_prefill, q_decode, k_cache, v_cache, prefill_slot,
+                                        prefix_len, decode_seqlens, decode_slots, policy)
+    batch, num_slots, max_len, num_kv_heads = (q_decode.shape[0], k_cache.shape[0],
+                                               k_cache.shape[1], k_cache.shape[2])
+    out_prefill = _out(out_prefill, q_prefill, "out_prefill")
+    out_decode = _out(out_decode, q_decode, "out_decode")
+    if chunk == 0 and batch == 0:
+        return out_prefill, out_decode
+    require_runnable(q_decode.device)
+    dev = q_decode.device
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_g = max(16, triton.next_power_of_2(group))
+    num_splits = triton.cdiv(max_len, tiling.split)
+    num_decode = batch * num_kv_heads * num_splits
+    num_prefill = triton.cdiv(chunk, tiling.block_m) * num_heads
+    sms, programs = _num_programs(dev, tiling.programs_per_sm)
+    # One workspace, one memset: counters, arrivals, then the partials.
+    ints = 2 + sms + batch * num_kv_heads
+    floats = num_decode * block_g * (block_d + 1)
+    work = torch.zeros(ints + floats, dtype=torch.int32, device=dev)
+    counters, arrive = work[:2 + sms], work[2 + sms:ints]
+    partials = work[ints:].view(torch.float32)
+    lse, part = partials[:num_decode * block_g], partials[num_decode * block_g:]
+    scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
+    interpreted = _interpreted()
+    dummy = decode_seqlens
+    _pod_kernel[(min(programs, num_prefill + num_decode),)](
+        q_prefill, out_prefill, q_decode, out_decode, k_cache, v_cache,
+        decode_seqlens if batch else counters, decode_slots if decode_slots is not None
+        else dummy if batch else counters, part, lse, counters, arrive,
+        prefix_len, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,
+        q_prefill.stride(0), q_prefill.stride(1), out_prefill.stride(0),
+        out_prefill.stride(1), q_decode.stride(0), q_decode.stride(1),
+        out_decode.stride(0), out_decode.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, HAS_SLOTS=decode_slots is not None,
+        FIFTY_FIFTY=policy == "50:50", NUM_SM=sms,
+        UPCAST=interpreted and q_decode.dtype == torch.bfloat16,
+        PRECISION="ieee" if q_decode.dtype == torch.float32 else None,
+        INTERPRETED=interpreted, SPLIT=tiling.split, BLOCK_M=tiling.block_m,
+        BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_D=block_d,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    return out_prefill, out_decode
+
+
+def _out(out: torch.Tensor | None, q: torch.Tensor, name: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise InvalidArgument(f"{name} must be {tuple(q.shape)} {q.dtype} with a "
+                              f"contiguous last dim, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
+def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           slot: int, prefix: int, lens: torch.Tensor, slots: torch.Tensor | None,
+           policy: str) -> tuple[int, int, int]:
+    """Everything `pod_attention` is given; returns (chunk, Hq, D)."""
+    if policy not in POLICIES:
+        raise InvalidArgument(f"policy must be one of {POLICIES}, got {policy!r}")
+    if qp.dim() != 3 or qd.dim() != 3 or qp.shape[1:] != qd.shape[1:]:
+        raise InvalidArgument(f"q_prefill and q_decode must be [n, Hq, D] with the same "
+                              f"Hq and D, got {tuple(qp.shape)} and {tuple(qd.shape)}")
+    chunk, num_heads, head_dim = qp.shape
+    for name, t in (("k_cache", k), ("v_cache", v)):
+        if t.dim() != 4 or t.shape != k.shape or t.shape[3] != head_dim:
+            raise InvalidArgument(f"{name} must be [slots, Lmax, Hkv, {head_dim}] like "
+                                  f"k_cache, got {tuple(t.shape)}")
+    if qp.dtype not in DTYPES or {qd.dtype, k.dtype, v.dtype} != {qp.dtype}:
+        raise InvalidArgument(f"queries and cache must share one of bf16, fp16, fp32; got "
+                              f"{qp.dtype}, {qd.dtype}, {k.dtype}, {v.dtype}")
+    if any(t.stride(-1) != 1 for t in (qp, qd, k, v)):
+        raise InvalidArgument("queries and cache need a contiguous last dim")
+    if num_heads % k.shape[2]:
+        raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
+                              f"({k.shape[2]})")
+    num_slots, max_len = k.shape[:2]
+    for name, value, high in (("prefill_slot", slot, num_slots - 1),
+                              ("prefix_len", prefix, max_len - chunk)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+            raise InvalidArgument(f"{name} must be an int in [0, {high}], got {value!r}"
+                                  + (" (the chunk must fit in Lmax)" if name == "prefix_len"
+                                     else ""))
+    batch = qd.shape[0]
+    index: list[tuple[str, torch.Tensor | None]] = [("decode_seqlens", lens),
+                                                    ("decode_slots", slots)]
+    for name, ints in index:
+        if ints is not None and (ints.shape != (batch,)
+                                 or ints.dtype not in (torch.int32, torch.int64)):
+            raise InvalidArgument(f"{name} must be [{batch}] int32/int64, got "
+                                  f"{tuple(ints.shape)} {ints.dtype}")
+    for name, t in [("q_prefill", qp), ("k_cache", k), ("v_cache", v), *index]:
+        if t is not None and t.device != qd.device:
+            raise InvalidArgument(f"{name} is on {t.device}, q_decode on {qd.device}")
+    return chunk, num_heads, head_dim

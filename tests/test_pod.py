@@ -1,0 +1,178 @@
+"""`pod_attention` (fused prefill + decode, one launch) against the float32 reference and
+against the separate kernels, on a real `VirtualKVCache` with NaN-filled pages.
+
+On a CPU through the Triton interpreter (small shapes; 3 persistent programs on 2
+pretend SMs, so both kinds, the hand-over between them and the last-arriver merge of
+decode splits run); on a GPU the same tests compiled, plus a sampled sweep.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_kernels import DEVICE, HKV, D, _ints, fill, make_cache, reference, relative_error
+from vattn import InvalidArgument
+from vattn.kernels import decode_attention, pod_attention
+from vattn.kernels.pod import PodTiling
+
+SMALL = PodTiling(block_m=16, block_n=16, split=32)     # many units on small shapes
+
+
+def worst_row_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest relative error of any row (a request, or a chunk token)."""
+    return max(relative_error(o, r) for o, r in zip(out, ref, strict=True) if r.norm() > 0)
+
+
+def causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int,
+                     prefix: int, scale: float) -> torch.Tensor:
+    """float32 causal attention of chunk row i (token prefix + i) over tokens <= it."""
+    chunk, num_heads, _ = q.shape
+    group = num_heads // k.shape[2]
+    end = prefix + chunk
+    keys = k[slot, :end].float().repeat_interleave(group, dim=1)
+    values = v[slot, :end].float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("mhd,lhd->hml", q.float(), keys) * scale
+    mask = torch.arange(end, device=q.device)[None] > (prefix + torch.arange(
+        chunk, device=q.device))[:, None]
+    scores = scores.masked_fill(mask[None], float("-inf"))
+    return torch.einsum("hml,lhd->mhd", scores.softmax(-1), values)
+
+
+def hybrid(dtype: torch.dtype, layout: str, prefix: int, chunk: int, lengths: list[int],
+           group: int = 2):  # type: ignore[no-untyped-def]
+    """A cache with one prefill slot (prefix + chunk tokens written) and decodes; a
+    length of -1 becomes ``Lmax`` (the last decode split holds tokens). Returns the
+    lengths too."""
+    slots = list(range(1, len(lengths) + 1))
+    cache = make_cache(layout, dtype, slots=len(lengths) + 1)
+    for _ in range(len(lengths) + 1):
+        cache.allocate()
+    lengths[:] = [cache.max_context_len if n == -1 else n for n in lengths]
+    fill(cache, 0, [0, *slots], [prefix + chunk, *lengths], dtype)
+    k, v = cache.kv(0)
+    qp = torch.randn(chunk, HKV * group, D, device=DEVICE).to(dtype)
+    qd = torch.randn(len(lengths), HKV * group, D, device=DEVICE).to(dtype)
+    return cache, k, v, qp, qd, slots
+
+
+@pytest.mark.parametrize("policy", ["proportional", "50:50"])
+@pytest.mark.parametrize("layout,dtype", [("per_layer", torch.bfloat16),
+                                          ("token_major", torch.float16),
+                                          ("per_layer", torch.float32)])
+def test_pod_matches_the_float32_reference(layout: str, dtype: torch.dtype,
+                                           policy: str) -> None:
+    torch.manual_seed(0)
+    prefix, chunk, lengths = 45, 37, [1, 70, 33, 0, 129, -1]
+    cache, k, v, qp, qd, slots = hybrid(dtype, layout, prefix, chunk, lengths)
+    try:
+        op, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
+                               policy=policy, tiling=SMALL)  # type: ignore[arg-type]
+        scale = D ** -0.5
+        ref_p = causal_reference(qp, k, v, 0, prefix, scale)
+        ref_d = reference(qd, k, v, lengths, slots, [0] * len(lengths), scale)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert not torch.isnan(op).any() and not torch.isnan(od).any()
+        assert worst_row_error(op, ref_p) < tol
+        assert worst_row_error(od, ref_d) < tol
+        assert torch.all(od[3] == 0)                    # nothing to attend to
+    finally:
+        cache.close()
+
+
+def test_pod_equals_the_separate_decode_kernel() -> None:
+    torch.manual_seed(1)
+    prefix, chunk, lengths = 0, 20, [64, 65, -1, 7]
+    cache, k, v, qp, qd, slots = hybrid(torch.bfloat16, "per_layer", prefix, chunk, lengths,
+                                        group=4)
+    try:
+        _, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
+                              tiling=SMALL)
+        alone = decode_attention(qd, k, v, _ints(lengths), _ints(slots))
+        assert worst_row_error(od, alone.float()) < 1e-2
+    finally:
+        cache.close()
+
+
+def test_pod_with_only_one_kind_of_work_and_preallocated_outputs() -> None:
+    torch.manual_seed(2)
+    cache, k, v, qp, qd, slots = hybrid(torch.float16, "per_layer", 10, 24, [50])
+    try:
+        out_p, out_d = torch.empty_like(qp), torch.empty_like(qd)
+        got_p, _ = pod_attention(qp, qd[:0], k, v, 0, 10, _ints([]), out_prefill=out_p,
+                                 tiling=SMALL)
+        assert got_p is out_p
+        assert relative_error(out_p, causal_reference(qp, k, v, 0, 10, D ** -0.5)) < 1e-2
+        _, got_d = pod_attention(qp[:0], qd, k, v, 0, 0, _ints([50]), _ints(slots),
+                                 out_decode=out_d)
+        assert got_d is out_d
+        ref = reference(qd, k, v, [50], slots, [0], D ** -0.5)
+        assert relative_error(out_d, ref) < 1e-2
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("change,message", [
+    ("policy", "policy must be one of"),
+    ("heads", "same Hq and D"),
+    ("dtype", "must share one of"),
+    ("prefix", "prefix_len must be an int"),
+    ("slot", "prefill_slot must be an int"),
+    ("lens", "decode_seqlens must be"),
+])
+def test_pod_refuses_bad_input(change: str, message: str) -> None:
+    q = torch.randn(4, 4, D, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(3, 64, HKV, D, device=DEVICE, dtype=torch.float16)
+    args: dict[str, object] = dict(q_prefill=q, q_decode=q[:2], k_cache=k, v_cache=k,
+                                   prefill_slot=0, prefix_len=8, decode_seqlens=_ints([3, 4]))
+    if change == "policy":
+        args["policy"] = "fifo"
+    elif change == "heads":
+        args["q_decode"] = torch.randn(2, 2, D, device=DEVICE, dtype=torch.float16)
+    elif change == "dtype":
+        args["q_decode"] = q[:2].float()
+    elif change == "prefix":
+        args["prefix_len"] = 61                 # 61 + 4 > 64
+    elif change == "slot":
+        args["prefill_slot"] = 3
+    else:
+        args["decode_seqlens"] = _ints([3])
+    with pytest.raises(InvalidArgument, match=message):
+        pod_attention(**args)  # type: ignore[arg-type]
+
+
+def test_tiling_is_validated() -> None:
+    with pytest.raises(ValueError, match="split must be"):
+        PodTiling(block_n=64, split=96)
+    with pytest.raises(ValueError, match="block_m"):
+        PodTiling(block_m=48)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefix,chunk,batch,context", [
+    (0, 512, 8, 4096), (4096, 1024, 32, 16384), (16384, 2048, 64, 4096), (1000, 333, 5, 9000)])
+def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int) -> None:
+    """Llama-3-8B heads (32 / 8 / 128), bf16: against the separate kernels and, on a
+    sample of rows, the float32 reference."""
+    from vattn.kernels import flash_attention
+
+    torch.manual_seed(prefix + chunk)
+    hkv, hq, d = 8, 32, 128
+    lmax = max(prefix + chunk, context) + 1
+    k = torch.randn(batch + 1, lmax, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    qp = torch.randn(chunk, hq, d, device="cuda", dtype=torch.bfloat16)
+    qd = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.randint(1, context + 1, (batch,), device="cuda", dtype=torch.int32)
+    slots = torch.arange(1, batch + 1, device="cuda", dtype=torch.int32)
+    op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots)
+    alone = decode_attention(qd, k, v, lengths, slots)
+    flash = flash_attention(qp[None], k, v, torch.tensor([prefix + chunk], device="cuda",
+                                                            dtype=torch.int32),
+                            slots=torch.zeros(1, device="cuda", dtype=torch.int32),
+                            causal=True).out[0]
+    assert relative_error(od, alone.float()) < 1e-2
+    assert relative_error(op, flash.float()) < 1e-2
+    rows = torch.randperm(chunk)[:16].tolist()
+    ref = causal_reference(qp, k, v, 0, prefix, d ** -0.5)
+    assert relative_error(op[rows], ref[rows]) < 1e-2
