@@ -430,7 +430,9 @@ def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  or ints.dtype not in (torch.int32, torch.int64)):
             raise InvalidArgument(f"{name} must be [{batch}] int32/int64, got "
                                   f"{tuple(ints.shape)} {ints.dtype}")
-    for name, t in [("q_prefill", qp), ("k_cache", k), ("v_cache", v), *index]:
+    tensors: list[tuple[str, torch.Tensor | None]] = [
+        ("q_prefill", qp), ("k_cache", k), ("v_cache", v), *index]
+    for name, t in tensors:
         if t is not None and t.device != qd.device:
             raise InvalidArgument(f"{name} is on {t.device}, q_decode on {qd.device}")
     return chunk, num_heads, head_dim
