@@ -432,7 +432,7 @@ def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   f"{tuple(ints.shape)} {ints.dtype}")
     tensors: list[tuple[str, torch.Tensor | None]] = [
         ("q_prefill", qp), ("k_cache", k), ("v_cache", v), *index]
-    for name, t in tensors:
-        if t is not None and t.device != qd.device:
-            raise InvalidArgument(f"{name} is on {t.device}, q_decode on {qd.device}")
+    for name, tensor in tensors:
+        if tensor is not None and tensor.device != qd.device:
+            raise InvalidArgument(f"{name} is on {tensor.device}, q_decode on {qd.device}")
     return chunk, num_heads, head_dim
