@@ -9,13 +9,14 @@ from collections.abc import Sequence
 
 import torch
 
-from vattn.bench import alloc, core, decode, e2e, overlap
+from vattn.bench import alloc, core, decode, e2e, overlap, pod
 from vattn.config import resolve_device
 from vattn.driver import open_backend
 from vattn.errors import VattnError
 from vattn.views import byte_view
 
-BENCHES = {"alloc": alloc, "core": core, "decode": decode, "e2e": e2e, "overlap": overlap}
+BENCHES = {"alloc": alloc, "core": core, "decode": decode, "e2e": e2e, "overlap": overlap,
+           "pod": pod}
 
 
 def _emit(item: object) -> None:

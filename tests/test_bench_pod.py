@@ -1,0 +1,55 @@
+"""`vattn bench pod`: its kernels compute the same attention, and the command runs end to
+end (CPU: one tiny cell through the Triton interpreter)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vattn import InvalidArgument
+from vattn.bench.pod import Cell, _ints, summary
+from vattn.cli import main
+
+
+def test_every_way_of_computing_a_cell_agrees() -> None:
+    cell = Cell(torch.device("cpu"), chunk=20, prefix=33, batch=3, context=50, heads=4,
+                kv_heads=2, head_dim=32, seed=5)
+    prefills = [fn() for fn in cell.prefill_kernels().values()]
+    decodes = [fn() for fn in cell.decode_kernels().values()]
+    op, od = cell.pod("proportional")()  # type: ignore[misc]
+    as_tensor = [p.out[0] if hasattr(p, "out") else p[0] for p in prefills]
+    as_tensor += [op]
+    for got in as_tensor[1:]:
+        assert torch.allclose(got.float(), as_tensor[0].float(), atol=2e-2, rtol=2e-2)
+    flat = [d.out[:, 0] if hasattr(d, "out") else d for d in decodes] + [od]
+    for got in flat[1:]:
+        assert torch.allclose(got.float(), flat[0].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_summary_is_the_geometric_mean_and_the_minimum() -> None:
+    rows = [{"vs back-to-back": 2.0, "vs two streams": 1.0},
+            {"vs back-to-back": 0.5, "vs two streams": 1.21}]
+    got = summary(rows)
+    assert got["geomean vs back-to-back"] == 1.0
+    assert got["geomean vs two streams"] == round(math.sqrt(1.21), 3)
+    assert got["min vs back-to-back"] == 0.5
+
+
+def test_bench_pod_runs_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "pod.json"
+    assert main(["bench", "pod", "--device", "cpu", "--repeats", "1", "--json", str(out),
+                 "--plot", str(tmp_path / "pod.png")]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 1 and data["rows"][0]["pod us"] > 0
+    assert set(data["summary"]) >= {"geomean vs back-to-back", "min vs two streams"}
+    assert (tmp_path / "pod.png").stat().st_size > 0
+
+
+def test_bench_pod_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "pod", "--device", "cpu", "--chunks", "0"]) == 1
+    assert "--chunks needs values >= 1" in capsys.readouterr().err
+    with pytest.raises(InvalidArgument, match="--prefixes must be comma-separated ints"):
+        _ints("1,x", "prefixes")
