@@ -5,12 +5,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux_2_28_x86_64 vllm==0.25.0   # then, from the wheel (a zip):
 #   unzip -p vllm-*.whl vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so | xz -9 > .fa3/_vllm_fa3_C.abi3.so.xz
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-out="${OUT:-/tmp/vattn-out}"; mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || cat "$out/install.log"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-[ -f .fa3/_vllm_fa3_C.abi3.so.xz ] && xz -dc .fa3/_vllm_fa3_C.abi3.so.xz > /tmp/fa3.so && export VATTN_FA3_LIBRARY=/tmp/fa3.so
+source "$(dirname "$0")/gpu_setup.sh"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu -q tests ${TESTS:-} 2>&1 | tee "$out/pytest.log" | tail -15
 timeout "${BENCH_TIMEOUT:-300}" python3 -m vattn bench decode --json "$out/decode.json" --plot "$out/decode" "$@" 2>&1 | tee "$out/decode.md" | tail -80
 if [ "${TUNE:-0}" = 1 ]; then
