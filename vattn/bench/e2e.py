@@ -8,7 +8,9 @@ preallocated, the same kernels), ``paged-16`` / ``paged-128`` (block tables kept
 incrementally, the paged twin of our kernel); ``hf-static`` is transformers' own Llama
 with its StaticCache and SDPA, eager. On a GPU our backends' step is captured in a CUDA
 graph (host work between replays: vattn's `step_async`, the block-table entries), and
-GPU time per step is reported beside tokens/s so host overhead shows.
+GPU time per step is reported beside tokens/s so host overhead shows. The vattn backend
+uses `--layout` (``per_layer`` by default: the static backend's strides); `--repeats`
+interleaves rounds of every backend and reports the median and the spread.
 """
 
 from __future__ import annotations
