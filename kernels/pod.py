@@ -320,7 +320,8 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         q_decode: ``[B, Hq, D]``, one query token per decoding request.
         k_cache, v_cache: ``[num_slots, Lmax, Hkv, D]`` strided views
             (``VirtualKVCache.kv(layer)``, either layout), last dim contiguous.
-        prefill_slot, prefix_len: the chunk's slot and its cached tokens before it.
+        prefill_slot, prefix_len: the chunk's slot and its cached tokens before it
+            (launch arguments: a CUDA graph replays the values it was captured with).
         decode_seqlens: ``[B]`` int32/int64, each decode's tokens (its new K/V
             appended); values past ``Lmax`` are clamped.
         decode_slots: ``[B]``, the slot each decode reads (default row ``b``: slot
