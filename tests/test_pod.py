@@ -176,3 +176,33 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int)
     rows = torch.randperm(chunk)[:16].tolist()
     ref = causal_reference(qp, k, v, 0, prefix, d ** -0.5)
     assert relative_error(op[rows], ref[rows]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_pod_is_capturable_in_a_cuda_graph() -> None:
+    """Decode lengths and queries change between replays (the workspace memset is in the
+    graph too); the prefill's slot and prefix are the captured ones."""
+    torch.manual_seed(4)
+    prefix, chunk, lengths = 100, 64, [3000, 17, 4096]
+    cache, k, v, qp, qd, slots = hybrid(torch.bfloat16, "token_major", prefix, chunk, lengths)
+    try:
+        lens, slot_ids = _ints(lengths), _ints(slots)
+        out_p, out_d = torch.empty_like(qp), torch.empty_like(qd)
+        pod_attention(qp, qd, k, v, 0, prefix, lens, slot_ids, out_prefill=out_p,
+                      out_decode=out_d)                   # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            pod_attention(qp, qd, k, v, 0, prefix, lens, slot_ids, out_prefill=out_p,
+                          out_decode=out_d)
+        for new in (lengths, [1, 16, 2048]):           # within what fill() wrote
+            lens.copy_(_ints(new))
+            qd.copy_(torch.randn_like(qd))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert worst_row_error(out_d, reference(qd, k, v, new, slots, [0] * 3,
+                                                    D ** -0.5)) < 1e-2
+            assert worst_row_error(out_p, causal_reference(qp, k, v, 0, prefix,
+                                                           D ** -0.5)) < 1e-2
+    finally:
+        cache.close()
