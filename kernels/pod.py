@@ -363,11 +363,12 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     lse, part = partials[:num_decode * block_g], partials[num_decode * block_g:]
     scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
     interpreted = _interpreted()
-    dummy = decode_seqlens
+    # Stand-ins for pointers never read (no decodes: an empty tensor may have no storage).
+    lens_arg = decode_seqlens if batch else counters
+    slots_arg = decode_slots if decode_slots is not None and batch else lens_arg
     _pod_kernel[(min(programs, num_prefill + num_decode),)](
         q_prefill, out_prefill, q_decode, out_decode, k_cache, v_cache,
-        decode_seqlens if batch else counters, decode_slots if decode_slots is not None
-        else dummy if batch else counters, part, lse, counters, arrive,
+        lens_arg, slots_arg, part, lse, counters, arrive,
         prefix_len, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,
         q_prefill.stride(0), q_prefill.stride(1), out_prefill.stride(0),
         out_prefill.stride(1), q_decode.stride(0), q_decode.stride(1),

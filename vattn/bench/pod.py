@@ -134,10 +134,11 @@ def measure(cell: Cell, device: torch.device, policy: Policy, repeats: int,
             base: dict[str, Any]) -> dict[str, Any]:
     """Every way of computing `cell`, timed; the best prefill and decode kernels make
     the baselines."""
-    prefills = {name: _time(fn, device, repeats) for name, fn in cell.prefill_kernels().items()}
-    decodes = {name: _time(fn, device, repeats) for name, fn in cell.decode_kernels().items()}
+    prefill_fns, decode_fns = cell.prefill_kernels(), cell.decode_kernels()
+    prefills = {name: _time(fn, device, repeats) for name, fn in prefill_fns.items()}
+    decodes = {name: _time(fn, device, repeats) for name, fn in decode_fns.items()}
     p_name, d_name = min(prefills, key=prefills.__getitem__), min(decodes, key=decodes.__getitem__)
-    p_fn, d_fn = cell.prefill_kernels()[p_name], cell.decode_kernels()[d_name]
+    p_fn, d_fn = prefill_fns[p_name], decode_fns[d_name]
     t_p, t_d = prefills[p_name], decodes[d_name]
     t_serial = _time(lambda: (p_fn(), d_fn()), device, repeats)
     t_streams = _time(two_streams(p_fn, d_fn, device), device, repeats)
