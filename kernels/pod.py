@@ -97,8 +97,10 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Causal attention of chunk tokens ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of one
-    query head (tile = m * NUM_HEADS + head) over the slot's tokens up to each one."""
-    m = tile // NUM_HEADS
+    query head over the slot's tokens up to each one. Tiles are handed out longest
+    first (tile = (M - 1 - m) * NUM_HEADS + head, M blocks in the chunk), so the last
+    ones to start are the shortest."""
+    m = tl.cdiv(chunk, BLOCK_M) - 1 - tile // NUM_HEADS
     head = tile % NUM_HEADS
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

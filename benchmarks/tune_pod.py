@@ -1,0 +1,118 @@
+"""Sweep `pod_attention`'s tiling on a few hybrid batches of `vattn bench pod`: per
+tiling, the fused launch and its two halves alone (prefill only, decodes only), GPU time
+from CUDA-graph replays, next to the best separate kernels of each kind.
+
+Each tiling's outputs are checked against the default tiling's before they are timed.
+
+    python3 benchmarks/tune_pod.py --json tune-pod.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from typing import Any
+
+import torch
+import triton
+
+from vattn.bench import common
+from vattn.bench.pod import Cell
+from vattn.kernels.pod import PodTiling, pod_attention
+
+# (chunk, prefix, decode batch, context): prefill-heavy, balanced, decode-heavy
+CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
+         (1024, 0, 8, 4096)]
+
+
+def tilings(grid: str) -> list[PodTiling]:
+    if grid == "quick":
+        return [PodTiling()]
+    return [PodTiling(block_m=m, block_n=n, split=s, num_warps=w, num_stages=st,
+                      programs_per_sm=p)
+            for m, n, w, st, p, s in itertools.product(
+                (64, 128), (64,), (4, 8), (2, 3), (1, 2), (2048,))] + [
+        PodTiling(block_m=128, block_n=64, split=s, num_warps=8, num_stages=2,
+                  programs_per_sm=p) for s, p in itertools.product((1024, 4096), (1, 2))]
+
+
+def _name(t: PodTiling) -> str:
+    return (f"m{t.block_m} n{t.block_n} s{t.split} w{t.num_warps} st{t.num_stages} "
+            f"p{t.programs_per_sm}")
+
+
+def _graph_us(fn: Any, repeats: int) -> float:
+    return round(common.median(common.graph_times([fn], repeats)) * 1e6, 1)
+
+
+def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], policy: str,
+          repeats: int) -> list[dict[str, Any]]:
+    chunk, prefix, batch, context = cell_shape
+    cell = Cell(torch.device("cuda"), chunk, prefix, batch, context)
+    base = {"cell": f"c{chunk} p{prefix} b{batch} x{context}"}
+    best_p = min((_graph_us(fn, repeats), name) for name, fn in cell.prefill_kernels().items())
+    best_d = min((_graph_us(fn, repeats), name) for name, fn in cell.decode_kernels().items())
+    ref_p, ref_d = (o.float() for o in pod_attention(
+        cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens, cell.slots))
+    rows = []
+    for tiling in configs:
+        try:
+            got_p, got_d = pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix,
+                                         cell.lens, cell.slots, policy=policy,  # type: ignore[arg-type]
+                                         tiling=tiling)
+        except triton.runtime.errors.OutOfResources as exc:
+            print(f"{base['cell']} {_name(tiling)}: {exc}", flush=True)
+            continue
+        for ref, got in ((ref_p, got_p), (ref_d, got_d)):
+            error = ((got.float() - ref).norm() / ref.norm()).item()
+            if not error < 1e-2:
+                raise AssertionError(f"{base['cell']} {tiling}: relative error {error}")
+
+        def fused(t: PodTiling = tiling) -> object:
+            return pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens,
+                                 cell.slots, policy=policy, tiling=t)  # type: ignore[arg-type]
+
+        def prefill(t: PodTiling = tiling) -> object:
+            return pod_attention(cell.qp, cell.qd[:0], cell.k, cell.v, 0, prefix,
+                                 cell.lens[:0], tiling=t)
+
+        def decode(t: PodTiling = tiling) -> object:
+            return pod_attention(cell.qp[:0], cell.qd, cell.k, cell.v, 0, 0, cell.lens,
+                                 cell.slots, tiling=t)
+
+        t_pod, t_p, t_d = (_graph_us(f, repeats) for f in (fused, prefill, decode))
+        serial = best_p[0] + best_d[0]
+        rows.append({**base, "tiling": _name(tiling), "pod us": t_pod,
+                     "pod prefill us": t_p, "pod decode us": t_d,
+                     "best prefill us": f"{best_p[0]} {best_p[1]}",
+                     "best decode us": f"{best_d[0]} {best_d[1]}",
+                     "vs serial": round(serial / t_pod, 3)})
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", choices=("full", "quick"), default="full")
+    parser.add_argument("--policy", choices=("proportional", "50:50"), default="proportional")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    common.require_cuda(torch.device("cuda"), "tune_pod")
+    header = common.device_environment(torch.device("cuda"))
+    print(common.header_line(header))
+    configs = tilings(args.grid)
+    if PodTiling() not in configs:
+        configs.append(PodTiling())
+    rows: list[dict[str, Any]] = []
+    for shape in CELLS:
+        mine = sorted(sweep(shape, configs, args.policy, args.repeats),
+                      key=lambda r: r["pod us"])
+        rows += mine
+        print("\n" + common.markdown_table(mine), flush=True)
+    if args.json:
+        common.write_json(args.json, {"environment": header, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
