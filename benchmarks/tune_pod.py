@@ -26,19 +26,17 @@ CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
 
 
 def tilings(grid: str) -> list[PodTiling]:
+    """``full``: query block x K/V block x warps x stages, then the decode split for
+    the default blocks; ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
-    return [PodTiling(block_m=m, block_n=n, split=s, num_warps=w, num_stages=st,
-                      programs_per_sm=p)
-            for m, n, w, st, p, s in itertools.product(
-                (64, 128), (64,), (4, 8), (2, 3), (1, 2), (2048,))] + [
-        PodTiling(block_m=128, block_n=64, split=s, num_warps=8, num_stages=2,
-                  programs_per_sm=p) for s, p in itertools.product((1024, 4096), (1, 2))]
+    return [PodTiling(block_m=m, block_n=n, num_warps=w, num_stages=st)
+            for m, n, w, st in itertools.product((64, 128), (32, 64), (4, 8), (2, 3))] + [
+        PodTiling(split=s) for s in (512, 1024, 4096)]
 
 
 def _name(t: PodTiling) -> str:
-    return (f"m{t.block_m} n{t.block_n} s{t.split} w{t.num_warps} st{t.num_stages} "
-            f"p{t.programs_per_sm}")
+    return f"m{t.block_m} n{t.block_n} s{t.split} w{t.num_warps} st{t.num_stages}"
 
 
 def _graph_us(fn: Any, repeats: int) -> float:

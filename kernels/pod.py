@@ -2,8 +2,8 @@
 
 A hybrid batch (chunked prefill) holds one prefill chunk, compute-bound, and many
 decodes, memory-bound. Run back to back, each kernel leaves the other's resource idle.
-Here both kinds of work are cut into units and handed out at run time by a persistent
-grid, so that prefill tiles and decode splits run on every SM at once::
+Here both kinds of work are cut into units and handed out at run time, so that prefill
+tiles and decode splits run on every SM at once::
 
     prefill tiles   (query block of BLOCK_M chunk tokens, query head): causal attention
                     over the slot's cached prefix and the chunk
@@ -11,13 +11,15 @@ grid, so that prefill tiles and decode splits run on every SM at once::
                     heads packed into a 16-row tile; the split that arrives last at its
                     (request, KV head) merges the partials (no second launch)
 
-Each program loops: it reads the SM it runs on (``%smid``), takes a ticket from that
-SM's counter, and the ticket's kind follows the policy (``"proportional"``: prefill
-tickets in the ratio of prefill to all units, spread evenly; ``"50:50"``: alternate),
-so programs resident on one SM take both kinds. It then claims the next unit of that
-kind from the kind's global counter, or of the other kind when that is exhausted, and
-stops when both are. Counters and partials live in a workspace zeroed by the caller
-(one memset); nothing syncs with the host, so a step can be captured in a CUDA graph.
+The launch has one program per unit ("virtual" programs, as POD does): a program's
+kind is not fixed by its id but picked when it starts. It reads the SM it runs on
+(``%smid``), takes a ticket from that SM's counter, and the ticket's kind follows the
+policy (``"proportional"``: prefill tickets in the ratio of prefill to all units, spread
+evenly; ``"50:50"``: alternate), so the programs resident on one SM at once take both
+kinds. It then claims the next unit of that kind from the kind's global counter, or of
+the other kind when that is exhausted (there is always one left: one unit per
+program). Counters and partials live in a workspace zeroed by the caller (one memset);
+nothing syncs with the host, so a step can be captured in a CUDA graph.
 
 The prefill chunk's K/V must already be in the cache (`append_kv`), at tokens
 ``[prefix_len, prefix_len + chunk)`` of its slot, as for `flash_attention`.
@@ -25,7 +27,6 @@ The prefill chunk's K/V must already be in the cache (`append_kv`), at tokens
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,8 +60,6 @@ class PodTiling:
     """Tokens per decode split (a multiple of `block_n`)."""
     num_warps: int = 4
     num_stages: int = 2
-    programs_per_sm: int = 2
-    """Resident programs per SM (the persistent grid)."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -72,9 +71,8 @@ class PodTiling:
                              f"({self.block_n}), got {self.split}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if min(self.num_stages, self.programs_per_sm) < 1:
-            raise ValueError(f"num_stages and programs_per_sm must be >= 1, got "
-                             f"{self.num_stages} and {self.programs_per_sm}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
 @triton.jit
@@ -99,7 +97,8 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     """Causal attention of chunk tokens ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of one
     query head over the slot's tokens up to each one. Tiles are handed out longest
     first (tile = (M - 1 - m) * NUM_HEADS + head, M blocks in the chunk), so the last
-    ones to start are the shortest."""
+    ones to start are the shortest. K/V blocks wholly before the tile's first query
+    need no mask; only the last few (the diagonal) do."""
     m = tl.cdiv(chunk, BLOCK_M) - 1 - tile // NUM_HEADS
     head = tile % NUM_HEADS
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,49 +113,66 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     kv_head = head // GROUP
     k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+    # Offsets within a block fit in int32 (the wrapper checks); blocks move the base.
+    k_offs = offs_n[:, None] * stride_kl + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vl + offs_d[None, :]
     last = prefix + offs_m            # each query's own position: it sees tokens <= last
     end = tl.minimum(prefix + (m + 1) * BLOCK_M, prefix + chunk)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    unmasked = (prefix + m * BLOCK_M) // BLOCK_N
     num_blocks = tl.cdiv(end, BLOCK_N)
     if INTERPRETED:
         block = 0
         while block < num_blocks:
-            m_i, l_i, acc = _causal_block(q, k_base, v_base, block, last, end, m_i, l_i,
-                                          acc, stride_kl, stride_vl, qk_scale, offs_n,
-                                          offs_d, d_mask, UPCAST, PRECISION, BLOCK_N)
+            m_i, l_i, acc = _prefill_block(
+                q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc,
+                stride_kl, stride_vl, qk_scale, offs_n, d_mask, block >= unmasked,
+                UPCAST, PRECISION, BLOCK_N)
             block += 1
     else:
-        for block in range(0, num_blocks):
-            m_i, l_i, acc = _causal_block(q, k_base, v_base, block, last, end, m_i, l_i,
-                                          acc, stride_kl, stride_vl, qk_scale, offs_n,
-                                          offs_d, d_mask, UPCAST, PRECISION, BLOCK_N)
+        for block in range(0, unmasked):
+            m_i, l_i, acc = _prefill_block(
+                q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc,
+                stride_kl, stride_vl, qk_scale, offs_n, d_mask, False, UPCAST, PRECISION,
+                BLOCK_N)
+        for block in range(unmasked, num_blocks):
+            m_i, l_i, acc = _prefill_block(
+                q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc,
+                stride_kl, stride_vl, qk_scale, offs_n, d_mask, True, UPCAST, PRECISION,
+                BLOCK_N)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(op_ptr + offs_m[:, None] * stride_om + head * stride_oh + offs_d[None, :],
              out.to(op_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _causal_block(  # type: ignore[no-untyped-def]
-    q, k_base, v_base, block, last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
-    offs_n, offs_d, d_mask, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _prefill_block(  # type: ignore[no-untyped-def]
+    q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc, stride_kl,
+    stride_vl, qk_scale, offs_n, d_mask, MASKED, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pos = block * BLOCK_N + offs_n
-    n_mask = pos < end
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    pos64 = pos.to(tl.int64)[:, None]
-    k = tl.load(k_base + pos64 * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+    """One block of BLOCK_N K/V tokens of a prefill tile: the online-softmax step.
+    `MASKED` (the diagonal) masks tokens past each query and past the chunk; the
+    blocks before need no mask, and rows past the chunk are dropped at the store."""
+    start = block * BLOCK_N
+    pos = start + offs_n
+    k_ptrs = k_base + start.to(tl.int64) * stride_kl + k_offs
+    v_ptrs = v_base + start.to(tl.int64) * stride_vl + v_offs
+    kv_mask = (pos < end)[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    qk = tl.where(n_mask[None, :] & (pos[None, :] <= last[:, None]), qk, float("-inf"))
+    if MASKED:
+        qk = tl.where((pos[None, :] < end) & (pos[None, :] <= last[:, None]), qk,
+                      float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)      # rows past the chunk
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
-    v = tl.load(v_base + pos64 * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -265,45 +281,35 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets.
     sm = _smid(INTERPRETED, NUM_SM)
     total = num_prefill + num_decode
-    busy = total > 0
-    while busy:
-        local = tl.atomic_add(counters_ptr + 2 + sm, 1)
-        if FIFTY_FIFTY:
-            want_prefill = local % 2 == 0
-        else:   # ticket i is prefill when floor(i * P / T) steps: P of every T, spread
-            want_prefill = ((local + 1) * num_prefill) // total > (local * num_prefill) // total
-        kind = tl.where(want_prefill, 0, 1)
+    local = tl.atomic_add(counters_ptr + 2 + sm, 1)
+    if FIFTY_FIFTY:
+        want_prefill = local % 2 == 0
+    else:       # ticket i is prefill when floor(i * P / T) steps: P of every T, spread
+        want_prefill = ((local + 1) * num_prefill) // total > (local * num_prefill) // total
+    kind = tl.where(want_prefill, 0, 1)
+    unit = tl.atomic_add(counters_ptr + kind, 1)
+    if unit >= tl.where(kind == 0, num_prefill, num_decode):
+        kind = 1 - kind             # that kind is exhausted: the other one
         unit = tl.atomic_add(counters_ptr + kind, 1)
-        if unit >= tl.where(kind == 0, num_prefill, num_decode):
-            kind = 1 - kind         # that kind is exhausted: the other one
-            unit = tl.atomic_add(counters_ptr + kind, 1)
-        busy = unit < tl.where(kind == 0, num_prefill, num_decode)
-        if busy:
-            if kind == 0:
-                _prefill_tile(unit, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk,
-                              tl.cast(prefill_slot, tl.int64), stride_qpm, stride_qph, stride_opm,
-                              stride_oph, stride_kb, stride_kl, stride_kh, stride_vb,
-                              stride_vl, stride_vh, qk_scale, NUM_HEADS,
-                              NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, UPCAST, PRECISION,
-                              INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
-            else:
-                _decode_split(unit, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr,
-                              part_ptr, lse_ptr, arrive_ptr, num_slots, max_len, stride_qdb,
-                              stride_qdh, stride_odb, stride_odh, stride_kb, stride_kl,
-                              stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
-                              NUM_KV_HEADS, NUM_SPLITS, NUM_HEADS // NUM_KV_HEADS, HEAD_DIM,
-                              HAS_SLOTS, UPCAST, PRECISION, INTERPRETED, SPLIT, BLOCK_G,
-                              BLOCK_N, BLOCK_D)
+    if kind == 0:
+        _prefill_tile(unit, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk,
+                      tl.cast(prefill_slot, tl.int64), stride_qpm, stride_qph, stride_opm,
+                      stride_oph, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl,
+                      stride_vh, qk_scale, NUM_HEADS, NUM_HEADS // NUM_KV_HEADS, HEAD_DIM,
+                      UPCAST, PRECISION, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        _decode_split(unit, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, part_ptr,
+                      lse_ptr, arrive_ptr, num_slots, max_len, stride_qdb, stride_qdh,
+                      stride_odb, stride_odh, stride_kb, stride_kl, stride_kh, stride_vb,
+                      stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
+                      NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
+                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_N, BLOCK_D)
 
 
-@functools.cache
-def _num_programs(device: torch.device, programs_per_sm: int) -> tuple[int, int]:
-    """(SMs, persistent programs) for `device`; the interpreter gets 3 programs on 2
-    pretend SMs, so that both kinds and the hand-over between them are exercised."""
-    if device.type != "cuda":
-        return 2, 3
-    sms = _sm_count(device)
-    return sms, sms * programs_per_sm
+def _num_sms(device: torch.device) -> int:
+    """SMs whose tickets the programs take; the interpreter pretends 2 (programs
+    alternate between them), so that both kinds and the hand-over are exercised."""
+    return _sm_count(device) if device.type == "cuda" else 2
 
 
 def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torch.Tensor,
@@ -347,6 +353,10 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     out_decode = _out(out_decode, q_decode, "out_decode")
     if chunk == 0 and batch == 0:
         return out_prefill, out_decode
+    if max(k_cache.stride(1), v_cache.stride(1)) * tiling.block_n >= 2**31:
+        raise InvalidArgument(f"a token stride of {max(k_cache.stride(1), v_cache.stride(1))}"
+                              f" elements is too large for block_n={tiling.block_n} "
+                              "(offsets within a block must fit in int32)")
     require_runnable(q_decode.device)
     dev = q_decode.device
     group = num_heads // num_kv_heads
@@ -355,7 +365,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     num_splits = triton.cdiv(max_len, tiling.split)
     num_decode = batch * num_kv_heads * num_splits
     num_prefill = triton.cdiv(chunk, tiling.block_m) * num_heads
-    sms, programs = _num_programs(dev, tiling.programs_per_sm)
+    sms = _num_sms(dev)
     # One workspace, one memset: counters, arrivals, then the partials.
     ints = 2 + sms + batch * num_kv_heads
     floats = num_decode * block_g * (block_d + 1)
@@ -368,7 +378,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     # Stand-ins for pointers never read (no decodes: an empty tensor may have no storage).
     lens_arg = decode_seqlens if batch else counters
     slots_arg = decode_slots if decode_slots is not None and batch else lens_arg
-    _pod_kernel[(min(programs, num_prefill + num_decode),)](
+    _pod_kernel[(num_prefill + num_decode,)](
         q_prefill, out_prefill, q_decode, out_decode, k_cache, v_cache,
         lens_arg, slots_arg, part, lse, counters, arrive,
         prefix_len, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,

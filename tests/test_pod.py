@@ -1,7 +1,7 @@
 """`pod_attention` (fused prefill + decode, one launch) against the float32 reference and
 against the separate kernels, on a real `VirtualKVCache` with NaN-filled pages.
 
-On a CPU through the Triton interpreter (small shapes; 3 persistent programs on 2
+On a CPU through the Triton interpreter (small shapes; programs alternate between 2
 pretend SMs, so both kinds, the hand-over between them and the last-arriver merge of
 decode splits run); on a GPU the same tests compiled, plus a sampled sweep.
 """
