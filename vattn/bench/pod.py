@@ -5,16 +5,21 @@ plus a decode batch (8..64 requests at 4K..16K context), Llama-3-8B heads (32 / 
 128), bf16.
 
 The baselines use the best kernel of each kind measured in the same cell: for the
-prefill, `flash_attention` (FlashAttention-3 / flash-attn / torch's FlashAttention-2,
-whichever is present) or `pod_attention` with no decodes (our Triton prefill); for the
-decodes, `decode_attention` or `flash_attention`. Per cell: the times, POD's speedups
-and the fraction of the ideal ``(t_prefill + t_decode) / max(t_prefill, t_decode)`` it
-reaches. On a CPU the same code runs one tiny cell through the Triton interpreter.
+prefill, our Triton prefill (`pod_attention` with no decodes) or `flash_attention`
+through each FlashAttention present; for the decodes, `decode_attention` or
+`flash_attention`. The headline baseline picks among ours and FlashAttention-2 (torch's
+or the flash-attn package's); where FlashAttention-3 is present, a second baseline
+that may pick it is timed too (its speedups carry a ``(with FA3)`` suffix). Per cell:
+the times, POD's speedups and the fraction of the ideal ``(t_prefill + t_decode) /
+max(t_prefill, t_decode)`` it reaches. On a GPU every time is a CUDA-graph replay (no
+host overhead in any of them); on a CPU the same code runs one tiny cell through the
+Triton interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,6 +31,7 @@ from vattn.config import resolve_device
 from vattn.errors import InvalidArgument
 
 if TYPE_CHECKING:
+    from vattn.kernels.flash import Backend
     from vattn.kernels.pod import Policy
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -78,26 +84,28 @@ class Cell:
         self.prefill_slot = torch.zeros(1, dtype=torch.int32, device=device)
 
     def prefill_kernels(self) -> dict[str, Callable[[], object]]:
-        from vattn.kernels import available_backends, flash_attention, pod_attention
+        from vattn.kernels import flash_attention, pod_attention
 
-        flash = available_backends(self.qp.device)[0]
-        return {
-            flash: lambda: flash_attention(self.qp[None], self.k, self.v, self.prefill_len,
-                                           slots=self.prefill_slot, causal=True),
+        kernels: dict[str, Callable[[], object]] = {
             "vattn-triton": lambda: pod_attention(self.qp, self.qd[:0], self.k, self.v, 0,
-                                                  self.prefix, self.lens[:0]),
-        }
+                                                  self.prefix, self.lens[:0])}
+        for name in _flash_backends(self.qp.device):
+            kernels[name] = functools.partial(
+                flash_attention, self.qp[None], self.k, self.v, self.prefill_len,
+                slots=self.prefill_slot, causal=True, backend=name)
+        return kernels
 
     def decode_kernels(self) -> dict[str, Callable[[], object]]:
-        from vattn.kernels import available_backends, decode_attention, flash_attention
+        from vattn.kernels import decode_attention, flash_attention
 
-        flash = available_backends(self.qd.device)[0]
-        return {
+        kernels: dict[str, Callable[[], object]] = {
             "vattn-triton": lambda: decode_attention(self.qd, self.k, self.v, self.lens,
-                                                     self.slots),
-            flash: lambda: flash_attention(self.qd[:, None], self.k, self.v, self.lens,
-                                           slots=self.slots, causal=True),
-        }
+                                                     self.slots)}
+        for name in _flash_backends(self.qd.device):
+            kernels[name] = functools.partial(
+                flash_attention, self.qd[:, None], self.k, self.v, self.lens,
+                slots=self.slots, causal=True, backend=name)
+        return kernels
 
     def pod(self, policy: Policy) -> Callable[[], object]:
         from vattn.kernels import pod_attention
@@ -106,10 +114,24 @@ class Cell:
                                      self.lens, self.slots, policy=policy)
 
 
+def _flash_backends(device: torch.device) -> list[Backend]:
+    """The FlashAttention backends to time: every one present (on a CPU, SDPA; on a GPU
+    SDPA is left out, a loop over requests)."""
+    from vattn.kernels import available_backends
+
+    found = available_backends(device)
+    return [b for b in found if b != "sdpa"] if device.type == "cuda" else found
+
+
 def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     if device.type == "cuda":
-        return common.median(common.cuda_times([fn], repeats))
+        return common.median(common.graph_times([fn], repeats))
     return common.median(common.host_times(fn, repeats, warmup=1))
+
+
+def back_to_back(prefill: Callable[[], object],
+                 decode: Callable[[], object]) -> Callable[[], object]:
+    return lambda: (prefill(), decode())
 
 
 def two_streams(prefill: Callable[[], object], decode: Callable[[], object],
@@ -117,7 +139,7 @@ def two_streams(prefill: Callable[[], object], decode: Callable[[], object],
     """Both kernels at once: the decode on a side stream forked from and joined to the
     current one (on a CPU, one after the other)."""
     if device.type != "cuda":
-        return lambda: (prefill(), decode())
+        return back_to_back(prefill, decode)
     side = torch.cuda.Stream(device)
 
     def run() -> None:
@@ -132,32 +154,55 @@ def two_streams(prefill: Callable[[], object], decode: Callable[[], object],
 
 def measure(cell: Cell, device: torch.device, policy: Policy, repeats: int,
             base: dict[str, Any]) -> dict[str, Any]:
-    """Every way of computing `cell`, timed; the best prefill and decode kernels make
-    the baselines."""
+    """Every way of computing `cell`, timed; the best prefill and decode kernels of each
+    baseline set make its back-to-back and two-stream baselines."""
     prefill_fns, decode_fns = cell.prefill_kernels(), cell.decode_kernels()
     prefills = {name: _time(fn, device, repeats) for name, fn in prefill_fns.items()}
     decodes = {name: _time(fn, device, repeats) for name, fn in decode_fns.items()}
-    p_name, d_name = min(prefills, key=prefills.__getitem__), min(decodes, key=decodes.__getitem__)
-    p_fn, d_fn = prefill_fns[p_name], decode_fns[d_name]
-    t_p, t_d = prefills[p_name], decodes[d_name]
-    t_serial = _time(lambda: (p_fn(), d_fn()), device, repeats)
-    t_streams = _time(two_streams(p_fn, d_fn, device), device, repeats)
     t_pod = _time(cell.pod(policy), device, repeats)
-    ideal = (t_p + t_d) / max(t_p, t_d)
-    return {**base, "prefill kernel": p_name, "decode kernel": d_name,
-            "prefill us": round(t_p * 1e6, 1), "decode us": round(t_d * 1e6, 1),
-            "back-to-back us": round(t_serial * 1e6, 1),
-            "two streams us": round(t_streams * 1e6, 1), "pod us": round(t_pod * 1e6, 1),
-            "vs back-to-back": round(t_serial / t_pod, 3),
-            "vs two streams": round(t_streams / t_pod, 3), "ideal": round(ideal, 3),
-            "of ideal": round((t_serial / t_pod - 1) / (ideal - 1), 3) if ideal > 1 else "-"}
+    row: dict[str, Any] = {**base}
+    timed: dict[tuple[str, str], tuple[float, float]] = {}
+    for suffix, allowed in (("", lambda n: n != "flash-attn-3"), (" (with FA3)", None)):
+        if allowed is None and "flash-attn-3" not in prefills:
+            break
+        p_name = min(filter(allowed, prefills), key=prefills.__getitem__)
+        d_name = min(filter(allowed, decodes), key=decodes.__getitem__)
+        if (p_name, d_name) not in timed:
+            p_fn, d_fn = prefill_fns[p_name], decode_fns[d_name]
+            timed[p_name, d_name] = (_time(back_to_back(p_fn, d_fn), device, repeats),
+                                     _time(two_streams(p_fn, d_fn, device), device, repeats))
+        t_serial, t_streams = timed[p_name, d_name]
+        t_p, t_d = prefills[p_name], decodes[d_name]
+        ideal = (t_p + t_d) / max(t_p, t_d)
+        row.update({
+            f"prefill kernel{suffix}": p_name, f"decode kernel{suffix}": d_name,
+            f"prefill us{suffix}": _us(t_p), f"decode us{suffix}": _us(t_d),
+            f"back-to-back us{suffix}": _us(t_serial),
+            f"two streams us{suffix}": _us(t_streams)})
+        if not suffix:
+            row["pod us"] = _us(t_pod)
+        row.update({
+            f"vs back-to-back{suffix}": round(t_serial / t_pod, 3),
+            f"vs two streams{suffix}": round(t_streams / t_pod, 3),
+            f"ideal{suffix}": round(ideal, 3),
+            f"of ideal{suffix}": (round((t_serial / t_pod - 1) / (ideal - 1), 3)
+                                  if ideal > 1 else "-")})
+    return row
+
+
+def _us(seconds: float) -> float:
+    return round(seconds * 1e6, 1)
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Geometric means and minima of POD's speedups over the grid."""
+    """Geometric means and minima of POD's speedups over the grid (against each
+    baseline set present)."""
     out: dict[str, float] = {}
-    for key in ("vs back-to-back", "vs two streams"):
-        values = [r[key] for r in rows]
+    for key in ("vs back-to-back", "vs two streams", "vs back-to-back (with FA3)",
+                "vs two streams (with FA3)"):
+        values = [r[key] for r in rows if key in r]
+        if not values:
+            continue
         out[f"geomean {key}"] = round(math.exp(sum(map(math.log, values)) / len(values)), 3)
         out[f"min {key}"] = min(values)
     return out
