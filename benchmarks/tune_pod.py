@@ -57,7 +57,7 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], polic
         try:
             got_p, got_d = pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix,
                                          cell.lens, cell.slots, policy=policy,  # type: ignore[arg-type]
-                                         tiling=tiling)
+                                         tiling=tiling, max_decode_len=context)
         except triton.runtime.errors.OutOfResources as exc:
             print(f"{base['cell']} {_name(tiling)}: {exc}", flush=True)
             continue
@@ -68,7 +68,8 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], polic
 
         def fused(t: PodTiling = tiling) -> object:
             return pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens,
-                                 cell.slots, policy=policy, tiling=t)  # type: ignore[arg-type]
+                                 cell.slots, policy=policy, tiling=t,  # type: ignore[arg-type]
+                                 max_decode_len=context)
 
         def prefill(t: PodTiling = tiling) -> object:
             return pod_attention(cell.qp, cell.qd[:0], cell.k, cell.v, 0, prefix,
@@ -76,7 +77,7 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], polic
 
         def decode(t: PodTiling = tiling) -> object:
             return pod_attention(cell.qp[:0], cell.qd, cell.k, cell.v, 0, 0, cell.lens,
-                                 cell.slots, tiling=t)
+                                 cell.slots, tiling=t, max_decode_len=context)
 
         t_pod, t_p, t_d = (_graph_us(f, repeats) for f in (fused, prefill, decode))
         serial = best_p[0] + best_d[0]

@@ -191,7 +191,9 @@ def _decode_split(  # type: ignore[no-untyped-def]
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
-    a partial over its tokens; the last split to arrive merges all of them."""
+    a partial over its tokens; the last of the request's live splits (those holding
+    tokens, and split 0) to arrive merges them. Splits past the request's length exit
+    at once."""
     pair = unit // NUM_SPLITS
     split = unit % NUM_SPLITS
     row = pair // NUM_KV_HEADS
@@ -203,65 +205,68 @@ def _decode_split(  # type: ignore[no-untyped-def]
         slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)
     else:
         slot = row.to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g
-    q = tl.load(qd_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
-    lo = split * SPLIT
-    first_block = 0
-    last_block = tl.cdiv(tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0), BLOCK_N)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if INTERPRETED:
-        block = first_block
-        while block < last_block:
-            m_i, l_i, acc = _attend_block(
-                q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
-                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
-                PRECISION, BLOCK_N, BLOCK_D)
-            block += 1
-    else:
-        for block in range(first_block, last_block):
-            m_i, l_i, acc = _attend_block(
-                q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
-                stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
-                PRECISION, BLOCK_N, BLOCK_D)
-    has = l_i > 0
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    part = part_ptr + (unit * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
-    tl.store(part, acc / tl.where(has, l_i, 1.0)[:, None])
-    tl.store(lse_ptr + unit * BLOCK_G + offs_g, lse)
-    # Release this CTA's partial, then count the arrival; the last one merges.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrive_ptr + pair, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
+    live = tl.maximum(tl.cdiv(end, SPLIT), 1)   # splits with tokens (split 0 always)
+    if split < live:
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        heads = kv_head * GROUP + offs_g
+        q = tl.load(qd_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+        lo = split * SPLIT
+        last_block = tl.cdiv(tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0), BLOCK_N)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        if INTERPRETED:
+            block = 0
+            while block < last_block:
+                m_i, l_i, acc = _attend_block(
+                    q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
+                    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
+                    PRECISION, BLOCK_N, BLOCK_D)
+                block += 1
+        else:
+            for block in range(0, last_block):
+                m_i, l_i, acc = _attend_block(
+                    q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
+                    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
+                    PRECISION, BLOCK_N, BLOCK_D)
+        has = l_i > 0
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        part = part_ptr + (unit * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
+        tl.store(part, acc / tl.where(has, l_i, 1.0)[:, None])
+        tl.store(lse_ptr + unit * BLOCK_G + offs_g, lse)
+        # Release this CTA's partial, then count the arrival; the last one merges.
         tl.debug_barrier()
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        denom = tl.zeros([BLOCK_G], tl.float32)
-        total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for s in range(NUM_SPLITS):
-            other = pair * NUM_SPLITS + s
-            lse_s = tl.load(lse_ptr + other * BLOCK_G + offs_g, cache_modifier=".cg")
-            o_s = tl.load(part_ptr + (other * BLOCK_G + offs_g[:, None]) * BLOCK_D
-                          + offs_d[None, :], cache_modifier=".cg")
-            m_new = tl.maximum(m, lse_s)
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
-            w = tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m_safe), 0.0)
-            denom = denom * scale + w
-            total = total * scale[:, None] + o_s * w[:, None]
-            m = m_new
-        out = total / tl.where(denom > 0, denom, 1.0)[:, None]
-        tl.store(od_ptr + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(od_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        arrived = tl.atomic_add(arrive_ptr + pair, 1, sem="acq_rel", scope="gpu")
+        if arrived == live - 1:
+            tl.debug_barrier()
+            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            denom = tl.zeros([BLOCK_G], tl.float32)
+            total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            s = 0
+            while s < live:
+                other = pair * NUM_SPLITS + s
+                lse_s = tl.load(lse_ptr + other * BLOCK_G + offs_g, cache_modifier=".cg")
+                o_s = tl.load(part_ptr + (other * BLOCK_G + offs_g[:, None]) * BLOCK_D
+                              + offs_d[None, :], cache_modifier=".cg")
+                m_new = tl.maximum(m, lse_s)
+                m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+                scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
+                w = tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m_safe), 0.0)
+                denom = denom * scale + w
+                total = total * scale[:, None] + o_s * w[:, None]
+                m = m_new
+                s += 1
+            out = total / tl.where(denom > 0, denom, 1.0)[:, None]
+            tl.store(od_ptr + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(od_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -316,7 +321,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
                   v_cache: torch.Tensor, prefill_slot: int, prefix_len: int,
                   decode_seqlens: torch.Tensor, decode_slots: torch.Tensor | None = None,
                   softmax_scale: float | None = None, policy: Policy = "proportional",
-                  tiling: PodTiling | None = None,
+                  tiling: PodTiling | None = None, max_decode_len: int | None = None,
                   out_prefill: torch.Tensor | None = None,
                   out_decode: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,6 +343,10 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         policy: ``"proportional"`` or ``"50:50"``, how each SM's programs alternate
             between prefill and decode units.
         tiling: default `PodTiling()`.
+        max_decode_len: an upper bound on `decode_seqlens` (default ``Lmax``), as
+            FlashAttention's ``max_seqlen_k``: the decodes are cut into
+            ``ceil(max_decode_len / split)`` splits each, and longer lengths are
+            clamped to it. A host int: a CUDA graph replays the captured value.
         out_prefill, out_decode: outputs to write into (CUDA graphs).
 
     Returns ``(out_prefill [chunk, Hq, D], out_decode [B, Hq, D])``, q's dtype; equal
@@ -349,6 +358,12 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
                                         prefix_len, decode_seqlens, decode_slots, policy)
     batch, num_slots, max_len, num_kv_heads = (q_decode.shape[0], k_cache.shape[0],
                                                k_cache.shape[1], k_cache.shape[2])
+    if max_decode_len is not None:
+        if (not isinstance(max_decode_len, int) or isinstance(max_decode_len, bool)
+                or max_decode_len < 1):
+            raise InvalidArgument(f"max_decode_len must be an int >= 1, got "
+                                  f"{max_decode_len!r}")
+        max_len = min(max_len, max_decode_len)
     out_prefill = _out(out_prefill, q_prefill, "out_prefill")
     out_decode = _out(out_decode, q_decode, "out_decode")
     if chunk == 0 and batch == 0:

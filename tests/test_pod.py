@@ -94,6 +94,25 @@ def test_pod_equals_the_separate_decode_kernel() -> None:
         cache.close()
 
 
+@pytest.mark.parametrize("bound", [129, 40])
+def test_max_decode_len_sets_the_splits_and_clamps_longer_lengths(bound: int) -> None:
+    """With the tight bound (129) the splits past it are never launched and the result
+    is unchanged; a smaller one (40) clamps the longer decodes to their first 40
+    tokens."""
+    torch.manual_seed(3)
+    prefix, chunk, lengths = 5, 17, [1, 70, 33, 0, 129]
+    cache, k, v, qp, qd, slots = hybrid(torch.bfloat16, "per_layer", prefix, chunk, lengths)
+    try:
+        op, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
+                               tiling=SMALL, max_decode_len=bound)
+        clamped = [min(n, bound) for n in lengths]
+        ref_d = reference(qd, k, v, clamped, slots, [0] * len(lengths), D ** -0.5)
+        assert worst_row_error(od, ref_d) < 1e-2
+        assert worst_row_error(op, causal_reference(qp, k, v, 0, prefix, D ** -0.5)) < 1e-2
+    finally:
+        cache.close()
+
+
 def test_pod_with_only_one_kind_of_work_and_preallocated_outputs() -> None:
     torch.manual_seed(2)
     cache, k, v, qp, qd, slots = hybrid(torch.float16, "per_layer", 10, 24, [50])
@@ -119,6 +138,7 @@ def test_pod_with_only_one_kind_of_work_and_preallocated_outputs() -> None:
     ("prefix", "prefix_len must be an int"),
     ("slot", "prefill_slot must be an int"),
     ("lens", "decode_seqlens must be"),
+    ("bound", "max_decode_len must be an int >= 1"),
 ])
 def test_pod_refuses_bad_input(change: str, message: str) -> None:
     q = torch.randn(4, 4, D, device=DEVICE, dtype=torch.float16)
@@ -135,6 +155,8 @@ def test_pod_refuses_bad_input(change: str, message: str) -> None:
         args["prefix_len"] = 61                 # 61 + 4 > 64
     elif change == "slot":
         args["prefill_slot"] = 3
+    elif change == "bound":
+        args["max_decode_len"] = 0
     else:
         args["decode_seqlens"] = _ints([3])
     with pytest.raises(InvalidArgument, match=message):

@@ -11,9 +11,10 @@ through each FlashAttention present; for the decodes, `decode_attention` or
 or the flash-attn package's); where FlashAttention-3 is present, a second baseline
 that may pick it is timed too (its speedups carry a ``(with FA3)`` suffix). Per cell:
 the times, POD's speedups and the fraction of the ideal ``(t_prefill + t_decode) /
-max(t_prefill, t_decode)`` it reaches. On a GPU every time is a CUDA-graph replay (no
-host overhead in any of them); on a CPU the same code runs one tiny cell through the
-Triton interpreter.
+max(t_prefill, t_decode)`` it reaches. POD is told the decodes' longest length
+(``max_decode_len``, as a serving engine's scheduler knows it). On a GPU every time is
+a CUDA-graph replay (no host overhead in any of them); on a CPU the same code runs one
+tiny cell through the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Cell:
         self.k, self.v = rand(batch + 1, lmax, kv_heads, head_dim), rand(
             batch + 1, lmax, kv_heads, head_dim)
         self.qp, self.qd = rand(chunk, heads, head_dim), rand(batch, heads, head_dim)
-        self.prefix, self.chunk = prefix, chunk
+        self.prefix, self.chunk, self.context = prefix, chunk, context
         self.lens = torch.full((batch,), context, dtype=torch.int32, device=device)
         self.slots = torch.arange(1, batch + 1, dtype=torch.int32, device=device)
         self.prefill_len = torch.tensor([prefix + chunk], dtype=torch.int32, device=device)
@@ -111,7 +112,8 @@ class Cell:
         from vattn.kernels import pod_attention
 
         return lambda: pod_attention(self.qp, self.qd, self.k, self.v, 0, self.prefix,
-                                     self.lens, self.slots, policy=policy)
+                                     self.lens, self.slots, policy=policy,
+                                     max_decode_len=self.context)
 
 
 def _flash_backends(device: torch.device) -> list[Backend]:
