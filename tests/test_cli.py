@@ -54,3 +54,9 @@ def test_default_layout_is_token_major() -> None:
                               memory_limit=8 << 20) as cache:
         assert cache.config.layout == "token_major"
         assert cache.kv(1)[0].stride(1) == 2 * 64
+
+
+def test_bench_overlap_refuses_an_unknown_mode_before_looking_for_a_gpu(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "overlap", "--modes", "premapped,eager"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown ['eager']" in err and "premapped-async" in err

@@ -29,6 +29,9 @@ MODES = ("premapped", "sync", "background", "background-late")
 with the next forward's targets before this forward is enqueued; background-late: the
 same call after it is enqueued (joined by `wait` before the next forward), so the
 mapper thread runs while the host waits for the device rather than while it launches."""
+EXTRA_MODES = ("premapped-async",)
+"""Diagnostic, not run by default: every page mapped up front and `step_async` called
+as in background, so every call plans nothing: the cost of the calls alone."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
     """Per-iteration times of one mode; the cache is made and closed here."""
     # sync: on demand only (the Fig. 10 spikes); premapped: nothing to map, ever
     lookahead = None if mode.startswith("background") else 0
+    premapped = mode.startswith("premapped")
     with VirtualKVCache(num_layers=layers, num_kv_heads=HKV, head_dim=D,
                         dtype=torch.bfloat16, max_batch_size=case.batch,
                         max_context_len=case.context, device=device,
@@ -97,7 +101,7 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
         cache.grow_pool(_loop_bytes(cache, end) if precreate_bytes < 0 else precreate_bytes)
         for _ in range(case.batch):
             cache.allocate()
-        cache.step(end if mode == "premapped" else first)
+        cache.step(end if premapped else first)
         loop = DecodeLoop(cache, case, resolve_device(device))
         for _ in range(3):      # warm-up at the starting lengths (nothing appended twice)
             loop.forward()
@@ -123,7 +127,7 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
                     call = time.perf_counter()
                     if mode == "sync":
                         cache.step(targets)
-                    else:
+                    elif mode != "premapped":
                         cache.step_async(targets)
                     visible.append(time.perf_counter() - call)
                     loop.forward()
@@ -174,7 +178,7 @@ def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
            "max ms": round(max(it) * 1e3, 2),
            "alloc visible p50 us": round(common.median(vis) * 1e6, 1),
            "alloc visible max us": round(max(vis) * 1e6, 1),
-           "MiB ahead (max)": "-" if mode == "premapped" else round(r["ahead_mib"]),
+           "MiB ahead (max)": "-" if mode.startswith("premapped") else round(r["ahead_mib"]),
            "iters mapping": len(worked),
            "their p50 ms": round(common.median(worked) * 1e3, 3) if worked else "-",
            "slowest 0.1% mapping": f"{sum(r['work'][i] for i in slowest)}/{len(slowest)}"}
@@ -216,7 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every mode, interleaved; percentiles pool them")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help="comma-separated; the first is the baseline")
+                        help=f"comma-separated, of {', '.join(MODES + EXTRA_MODES)}; the "
+                        "first is the baseline")
     parser.add_argument("--precreate-gib", type=float, default=-1.0,
                         help="physical memory created before the loop (default: all the "
                         "run maps, as a server grows its pool at start-up; 0: create on "
@@ -227,11 +232,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> int:
     """Run the benchmark; `emit` shows each finished part (the CLI prints it)."""
+    if args.rounds < 1:
+        raise InvalidArgument(f"--rounds must be >= 1, got {args.rounds}")
+    unknown = set(args.modes.split(",")) - set(MODES + EXTRA_MODES)
+    if unknown:
+        raise InvalidArgument(f"--modes: unknown {sorted(unknown)}; choose from "
+                              f"{', '.join(MODES + EXTRA_MODES)}")
     dev = resolve_device(device)
     common.require_cuda(dev, "overlap")
     header = common.device_environment(dev)
-    if args.rounds < 1:
-        raise InvalidArgument(f"--rounds must be >= 1, got {args.rounds}")
     emit(common.header_line(header))
     rows, raw = [], {}
     for key in args.cases.split(","):
