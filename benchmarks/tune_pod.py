@@ -1,6 +1,7 @@
 """Sweep `pod_attention`'s tiling on a few hybrid batches of `vattn bench pod`: per
-tiling, the fused launch and its two halves alone (prefill only, decodes only), GPU time
-from CUDA-graph replays, next to the best separate kernels of each kind.
+tiling, its two halves alone (prefill only, decodes only) and the fused launch under
+each policy, GPU time from CUDA-graph replays, next to the best separate kernels of
+each kind.
 
 Each tiling's outputs are checked against the default tiling's before they are timed.
 
@@ -10,7 +11,6 @@ Each tiling's outputs are checked against the default tiling's before they are t
 from __future__ import annotations
 
 import argparse
-import itertools
 from typing import Any
 
 import torch
@@ -26,25 +26,28 @@ CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
 
 
 def tilings(grid: str) -> list[PodTiling]:
-    """``full``: query block x K/V block x warps x stages, then the decode split for
-    the default blocks; ``quick``: the default only."""
+    """``full``: prefill K/V tile x decode K/V tile x stages, then the decode split, at
+    64-token query blocks and 4 warps (8 warps and 128-token query blocks lose: one
+    program per SM); ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
-    return [PodTiling(block_m=m, block_n=n, num_warps=w, num_stages=st)
-            for m, n, w, st in itertools.product((64, 128), (32, 64), (4, 8), (2, 3))] + [
-        PodTiling(split=s) for s in (512, 1024, 4096)]
+    return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
+            for n, nd, st in ((64, 32, 3), (64, 64, 3), (64, 128, 3), (64, 128, 2),
+                              (32, 64, 4), (32, 64, 3))] + [
+        PodTiling(split=s) for s in (1024, 4096)]
 
 
 def _name(t: PodTiling) -> str:
-    return f"m{t.block_m} n{t.block_n} s{t.split} w{t.num_warps} st{t.num_stages}"
+    return (f"m{t.block_m} n{t.block_n} nd{t.decode_block_n} s{t.split} w{t.num_warps} "
+            f"st{t.num_stages}")
 
 
 def _graph_us(fn: Any, repeats: int) -> float:
     return round(common.median(common.graph_times([fn], repeats)) * 1e6, 1)
 
 
-def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], policy: str,
-          repeats: int) -> list[dict[str, Any]]:
+def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
+          policies: list[str], repeats: int) -> list[dict[str, Any]]:
     chunk, prefix, batch, context = cell_shape
     cell = Cell(torch.device("cuda"), chunk, prefix, batch, context)
     base = {"cell": f"c{chunk} p{prefix} b{batch} x{context}"}
@@ -56,8 +59,8 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], polic
     for tiling in configs:
         try:
             got_p, got_d = pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix,
-                                         cell.lens, cell.slots, policy=policy,  # type: ignore[arg-type]
-                                         tiling=tiling, max_decode_len=context)
+                                         cell.lens, cell.slots, tiling=tiling,
+                                         max_decode_len=context)
         except triton.runtime.errors.OutOfResources as exc:
             print(f"{base['cell']} {_name(tiling)}: {exc}", flush=True)
             continue
@@ -65,11 +68,6 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], polic
             error = ((got.float() - ref).norm() / ref.norm()).item()
             if not error < 1e-2:
                 raise AssertionError(f"{base['cell']} {tiling}: relative error {error}")
-
-        def fused(t: PodTiling = tiling) -> object:
-            return pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens,
-                                 cell.slots, policy=policy, tiling=t,  # type: ignore[arg-type]
-                                 max_decode_len=context)
 
         def prefill(t: PodTiling = tiling) -> object:
             return pod_attention(cell.qp, cell.qd[:0], cell.k, cell.v, 0, prefix,
@@ -79,13 +77,21 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], polic
             return pod_attention(cell.qp[:0], cell.qd, cell.k, cell.v, 0, 0, cell.lens,
                                  cell.slots, tiling=t, max_decode_len=context)
 
-        t_pod, t_p, t_d = (_graph_us(f, repeats) for f in (fused, prefill, decode))
-        serial = best_p[0] + best_d[0]
-        rows.append({**base, "tiling": _name(tiling), "pod us": t_pod,
-                     "pod prefill us": t_p, "pod decode us": t_d,
-                     "best prefill us": f"{best_p[0]} {best_p[1]}",
-                     "best decode us": f"{best_d[0]} {best_d[1]}",
-                     "vs serial": round(serial / t_pod, 3)})
+        t_p, t_d = _graph_us(prefill, repeats), _graph_us(decode, repeats)
+        for policy in policies:
+            def fused(t: PodTiling = tiling, policy: str = policy) -> object:
+                return pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens,
+                                     cell.slots, policy=policy, tiling=t,  # type: ignore[arg-type]
+                                     max_decode_len=context)
+
+            t_pod = _graph_us(fused, repeats)
+            rows.append({**base, "tiling": _name(tiling), "policy": policy, "pod us": t_pod,
+                         "pod prefill us": t_p, "pod decode us": t_d,
+                         "vs own halves": round((t_p + t_d) / t_pod, 3),
+                         "own ideal": round((t_p + t_d) / max(t_p, t_d), 3),
+                         "best prefill us": f"{best_p[0]} {best_p[1]}",
+                         "best decode us": f"{best_d[0]} {best_d[1]}",
+                         "vs serial": round((best_p[0] + best_d[0]) / t_pod, 3)})
     torch.cuda.empty_cache()
     return rows
 
@@ -93,7 +99,7 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling], polic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=("full", "quick"), default="full")
-    parser.add_argument("--policy", choices=("proportional", "50:50"), default="proportional")
+    parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -105,7 +111,7 @@ def main() -> None:
         configs.append(PodTiling())
     rows: list[dict[str, Any]] = []
     for shape in CELLS:
-        mine = sorted(sweep(shape, configs, args.policy, args.repeats),
+        mine = sorted(sweep(shape, configs, args.policies.split(","), args.repeats),
                       key=lambda r: r["pod us"])
         rows += mine
         print("\n" + common.markdown_table(mine), flush=True)

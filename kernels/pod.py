@@ -55,20 +55,22 @@ class PodTiling:
     block_m: int = 64
     """Chunk tokens per prefill tile."""
     block_n: int = 64
-    """K/V tokens per inner tile (both kinds)."""
+    """K/V tokens per inner tile of a prefill tile."""
+    decode_block_n: int = 64
+    """K/V tokens per inner tile of a decode split."""
     split: int = 2048
-    """Tokens per decode split (a multiple of `block_n`)."""
+    """Tokens per decode split (a multiple of `decode_block_n`)."""
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
+        for name in ("block_m", "block_n", "decode_block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.split < self.block_n or self.split % self.block_n:
-            raise ValueError(f"split must be a positive multiple of block_n "
-                             f"({self.block_n}), got {self.split}")
+        if self.split < self.decode_block_n or self.split % self.decode_block_n:
+            raise ValueError(f"split must be a positive multiple of decode_block_n "
+                             f"({self.decode_block_n}), got {self.split}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1:
@@ -281,7 +283,8 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, FIFTY_FIFTY: tl.constexpr,
     NUM_SM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets.
     sm = _smid(INTERPRETED, NUM_SM)
@@ -308,7 +311,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       stride_odb, stride_odh, stride_kb, stride_kl, stride_kh, stride_vb,
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
-                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_N, BLOCK_D)
+                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -408,7 +411,8 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         UPCAST=interpreted and q_decode.dtype == torch.bfloat16,
         PRECISION="ieee" if q_decode.dtype == torch.float32 else None,
         INTERPRETED=interpreted, SPLIT=tiling.split, BLOCK_M=tiling.block_m,
-        BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_D=block_d,
+        BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_ND=tiling.decode_block_n,
+        BLOCK_D=block_d,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return out_prefill, out_decode
 

@@ -16,7 +16,7 @@ from vattn import InvalidArgument
 from vattn.kernels import decode_attention, pod_attention
 from vattn.kernels.pod import PodTiling
 
-SMALL = PodTiling(block_m=16, block_n=16, split=32)     # many units on small shapes
+SMALL = PodTiling(block_m=16, block_n=16, decode_block_n=16, split=32)  # many units
 
 
 def worst_row_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -165,7 +165,7 @@ def test_pod_refuses_bad_input(change: str, message: str) -> None:
 
 def test_tiling_is_validated() -> None:
     with pytest.raises(ValueError, match="split must be"):
-        PodTiling(block_n=64, split=96)
+        PodTiling(decode_block_n=64, split=96)
     with pytest.raises(ValueError, match="block_m"):
         PodTiling(block_m=48)
 
