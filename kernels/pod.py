@@ -323,7 +323,7 @@ def _num_sms(device: torch.device) -> int:
 def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, prefill_slot: int, prefix_len: int,
                   decode_seqlens: torch.Tensor, decode_slots: torch.Tensor | None = None,
-                  softmax_scale: float | None = None, policy: Policy = "proportional",
+                  softmax_scale: float | None = None, policy: Policy = "50:50",
                   tiling: PodTiling | None = None, max_decode_len: int | None = None,
                   out_prefill: torch.Tensor | None = None,
                   out_decode: torch.Tensor | None = None,
@@ -343,7 +343,8 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         decode_slots: ``[B]``, the slot each decode reads (default row ``b``: slot
             ``b``); a slot out of range reads nothing (zero output).
         softmax_scale: default ``D ** -0.5``.
-        policy: ``"proportional"`` or ``"50:50"``, how each SM's programs alternate
+        policy: ``"50:50"`` (default: the better of the two on an H200, `vattn bench
+            pod`) or ``"proportional"``, how each SM's programs alternate
             between prefill and decode units.
         tiling: default `PodTiling()`.
         max_decode_len: an upper bound on `decode_seqlens` (default ``Lmax``), as
