@@ -255,9 +255,11 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
                 for m in modes:
                     rounds[m].append(run_mode(device, layout, case, m, args.layers, precreate))
             results = {m: _join_rounds(rounds[m]) for m in modes}
+            done = len(rows)
             for mode in modes:
                 base = None if mode == modes[0] else results[modes[0]]
                 rows.append(summarize(layout, case, mode, results[mode], base))
+            emit(common.markdown_table(rows[done:]))    # shown as each part finishes
             raw[f"{key}-{layout}"] = {m: results[m]["iteration_s"] for m in modes}
             if args.plot:
                 plot(f"{args.plot}-{key}-{layout}.png", raw[f"{key}-{layout}"],
