@@ -242,7 +242,8 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
     common.require_cuda(dev, "overlap")
     header = common.device_environment(dev)
     emit(common.header_line(header))
-    rows, raw = [], {}
+    rows: list[dict[str, Any]] = []
+    raw: dict[str, Any] = {}
     for key in args.cases.split(","):
         case = CASES[key]
         if args.iterations:
