@@ -372,6 +372,8 @@ class VirtualKVCache:
     def _join(self) -> None:
         """Wait for the background work; on its failure, bring the policy back to what is
         really mapped and raise."""
+        if self._inflight is None:      # nothing submitted since the last join
+            return
         plan, self._inflight = self._inflight, None
         try:
             self._res.worker.join()

@@ -39,7 +39,7 @@ class TargetIndex:
         """Validated targets that need pages or look-ahead, as slot -> pages per tensor:
         (needed now, wanted up to the high water mark). `check_active` raises for a
         slot that is out of range or not allocated."""
-        if not isinstance(targets, Mapping):
+        if type(targets) is not dict and not isinstance(targets, Mapping):
             raise InvalidArgument(f"targets must be a mapping slot -> num_tokens, "
                                   f"got {type(targets).__name__}")
         fits, num_slots = self.fits, len(self.fits)
