@@ -1,6 +1,9 @@
 """Sweep the decode kernel's tiling (tokens per tile, warps, stages, programs per SM) on
 the shapes of `vattn bench decode`, GPU time from CUDA-graph replays over a cold L2.
 
+With ``--token-major 32`` the K/V are the per-layer views of one
+``[B, context, 32, Hkv, D]`` tensor each, the strides of the `token_major` layout.
+
 Each configuration's output is checked against the default tiling's before it is timed.
 Prints one Markdown table per shape (fastest first) and a summary of the best tiling
 against the default; ``--json PATH`` keeps every timing.
@@ -28,7 +31,8 @@ SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-16k", 1, 16, 2, 128, 16384, T
           ("a-64k", 1, 16, 2, 128, 65536, True), ("b-1", 1, 32, 8, 128, 16384, True),
           ("b-4", 4, 32, 8, 128, 16384, True), ("b-8", 8, 32, 8, 128, 16384, True),
           ("b-16", 16, 32, 8, 128, 16384, True),
-          ("b-8-unequal", 8, 32, 8, 128, 16384, False), ("b-32", 32, 32, 8, 128, 16384, True),
+          ("b-8-unequal", 8, 32, 8, 128, 16384, False),
+          ("b-16-unequal", 16, 32, 8, 128, 16384, False), ("b-32", 32, 32, 8, 128, 16384, True),
           ("b-32-unequal", 32, 32, 8, 128, 16384, False)]
 
 
@@ -55,9 +59,10 @@ def _name(t: Tiling) -> str:
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
-          block_size: int) -> list[dict[str, Any]]:
+          block_size: int, token_major: int = 0) -> list[dict[str, Any]]:
     """Time every tiling on one shape: the dense kernel, or with `block_size` the paged
-    twin on the same K/V copied into shuffled blocks."""
+    twin on the same K/V copied into shuffled blocks; with `token_major` layers, on
+    layer views of token-major tensors."""
     name, batch, num_q, num_kv, head_dim, context, equal = shape
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     lengths = (torch.full((batch,), context, device="cuda") if equal else
@@ -65,8 +70,19 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
     lens = lengths.int()
     kv_bytes = 2 * int(lengths.sum()) * num_kv * head_dim * 2
     layers = layers_for_cold_l2(kv_bytes, 2)
-    kv = [torch.randn(2, batch, context, num_kv, head_dim, device="cuda", generator=gen,
-                      dtype=torch.bfloat16) for _ in range(layers)]
+    if token_major:
+        if block_size or layers > token_major:
+            raise SystemExit(f"--token-major {token_major}: needs the dense kernel and at "
+                             f"least {layers} layers")
+        whole = torch.empty(2, batch, context, token_major, num_kv, head_dim, device="cuda",
+                            dtype=torch.bfloat16)
+        kv = [whole[:, :, :, i] for i in range(layers)]   # only these layers are read
+        for pair in kv:
+            pair.copy_(torch.randn(pair.shape, device="cuda", generator=gen,
+                                   dtype=torch.bfloat16))
+    else:
+        kv = [torch.randn(2, batch, context, num_kv, head_dim, device="cuda", generator=gen,
+                          dtype=torch.bfloat16) for _ in range(layers)]
     q = torch.randn(batch, num_q, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
     check_inputs(q, kv[0][0], kv[0][1], lens, None, None)
 
@@ -97,7 +113,8 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
         seconds = common.median(common.graph_times(
             [functools.partial(call, layer, tiling=tiling) for layer in range(layers)],
             repeats))
-        rows.append({"shape": name, "block": block_size or "dense", "tiling": _name(tiling),
+        rows.append({"shape": name, "block": block_size or "dense",
+                     "layout": "token_major" if token_major else "plain", "tiling": _name(tiling),
                      "us": round(seconds * 1e6, 1),
                      "TB/s": round(kv_bytes / seconds / 1e12, 2)})
     return rows
@@ -110,6 +127,8 @@ def main() -> None:
     parser.add_argument("--grid", choices=("full", "runs", "paged", "quick"), default="full")
     parser.add_argument("--paged", type=int, default=0,
                         help="time the paged twin at this block size (0: the dense kernel)")
+    parser.add_argument("--token-major", type=int, default=0, metavar="LAYERS",
+                        help="K/V as layer views of [B, context, LAYERS, Hkv, D] tensors")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     common.require_cuda(torch.device("cuda"), "tune_decode")
@@ -123,7 +142,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     summary = []
     for shape in (s for s in SHAPES if s[0] in wanted):
-        mine = sorted(sweep(shape, configs, args.repeats, args.paged), key=lambda r: r["us"])
+        mine = sorted(sweep(shape, configs, args.repeats, args.paged,
+                             args.token_major), key=lambda r: r["us"])
         rows += mine
         torch.cuda.empty_cache()
         print(f"\n{shape[0]}\n" + common.markdown_table(mine[:8]), flush=True)
