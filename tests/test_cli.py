@@ -60,3 +60,8 @@ def test_bench_overlap_refuses_an_unknown_mode_before_looking_for_a_gpu(capsys) 
     assert main(["bench", "overlap", "--modes", "premapped,eager"]) == 1
     err = capsys.readouterr().err
     assert "unknown ['eager']" in err and "premapped-async" in err
+
+
+def test_bench_overlap_refuses_a_negative_interleave_before_looking_for_a_gpu(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "overlap", "--interleave", "-1"]) == 1
+    assert "--interleave must be >= 0" in capsys.readouterr().err

@@ -84,65 +84,122 @@ class DecodeLoop:
         self.lens += 1
 
 
+class ModeRun:
+    """One mode's cache and loop, advanced a block of iterations at a time, so that
+    several modes can take turns in one process (``--interleave``)."""
+
+    def __init__(self, device: str, layout: str, case: Case, mode: str, layers: int,
+                 precreate_bytes: int = 0) -> None:
+        self.case, self.mode = case, mode
+        # sync: on demand only (the Fig. 10 spikes); premapped: nothing to map, ever
+        lookahead = None if mode.startswith("background") else 0
+        premapped = mode.startswith("premapped")
+        self.cache = VirtualKVCache(num_layers=layers, num_kv_heads=HKV, head_dim=D,
+                                    dtype=torch.bfloat16, max_batch_size=case.batch,
+                                    max_context_len=case.context, device=device,
+                                    layout=layout,  # type: ignore[arg-type]
+                                    lookahead_tokens=lookahead)
+        try:
+            cache = self.cache
+            self.lens = list(case.start)
+            first = {s: n + 1 for s, n in enumerate(self.lens)}
+            end = {s: n + case.iterations + 2 for s, n in enumerate(self.lens)}
+            cache.grow_pool(_loop_bytes(cache, end) if precreate_bytes < 0
+                            else precreate_bytes)
+            for _ in range(case.batch):
+                cache.allocate()
+            cache.step(end if premapped else first)
+            self.loop = DecodeLoop(cache, case, resolve_device(device))
+            for _ in range(3):  # warm-up at the starting lengths (nothing appended twice)
+                self.loop.forward()
+                self.loop.lens -= 1
+            torch.cuda.synchronize()
+        except BaseException:
+            self.cache.close()
+            raise
+        self.iteration: list[float] = []
+        self.visible: list[float] = []
+        self.work: list[bool] = []  # did this iteration's step plan pages (mapped meanwhile)?
+        self.ahead = 0
+        self._mapped = _capacity(self.cache, case.batch)
+
+    @property
+    def remaining(self) -> int:
+        return self.case.iterations - len(self.iteration)
+
+    def advance(self, count: int) -> None:
+        """Run the next `count` iterations (fewer at the end); the caller freezes the GC."""
+        cache, loop, mode = self.cache, self.loop, self.mode
+        for _ in range(min(count, self.remaining)):
+            start = time.perf_counter()
+            lead = 1 if mode == "sync" else 2   # this forward's pages, or the next's
+            targets = {s: n + lead for s, n in enumerate(self.lens)}
+            if mode == "background-late":
+                call = time.perf_counter()
+                cache.wait()        # this forward's pages (the previous call's)
+                waited = time.perf_counter() - call
+                loop.forward()
+                call = time.perf_counter()
+                cache.step_async(targets)
+                self.visible.append(waited + time.perf_counter() - call)
+            else:
+                call = time.perf_counter()
+                if mode == "sync":
+                    cache.step(targets)
+                elif mode != "premapped":
+                    cache.step_async(targets)
+                self.visible.append(time.perf_counter() - call)
+                loop.forward()
+            torch.cuda.synchronize()
+            self.iteration.append(time.perf_counter() - start)
+            self.lens = [n + 1 for n in self.lens]
+            now = _capacity(cache, self.case.batch)
+            self.work.append(now != self._mapped)
+            self._mapped = now
+            if len(self.iteration) % 64 == 0:
+                self.ahead = max(self.ahead, cache.stats().pages_ahead)
+
+    def finish(self) -> dict[str, Any]:
+        """Join the mapper, close the cache, return the timings."""
+        try:
+            self.cache.wait()
+            page_mib = self.cache.layout.page_size_bytes / 2**20
+        finally:
+            self.cache.close()
+        return {"iteration_s": self.iteration, "visible_s": self.visible, "work": self.work,
+                "ahead_mib": self.ahead * page_mib}
+
+
 def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
              precreate_bytes: int = 0) -> dict[str, Any]:
-    """Per-iteration times of one mode; the cache is made and closed here."""
-    # sync: on demand only (the Fig. 10 spikes); premapped: nothing to map, ever
-    lookahead = None if mode.startswith("background") else 0
-    premapped = mode.startswith("premapped")
-    with VirtualKVCache(num_layers=layers, num_kv_heads=HKV, head_dim=D,
-                        dtype=torch.bfloat16, max_batch_size=case.batch,
-                        max_context_len=case.context, device=device,
-                        layout=layout,  # type: ignore[arg-type]
-                        lookahead_tokens=lookahead) as cache:
-        lens = list(case.start)
-        first = {s: n + 1 for s, n in enumerate(lens)}
-        end = {s: n + case.iterations + 2 for s, n in enumerate(lens)}
-        cache.grow_pool(_loop_bytes(cache, end) if precreate_bytes < 0 else precreate_bytes)
-        for _ in range(case.batch):
-            cache.allocate()
-        cache.step(end if premapped else first)
-        loop = DecodeLoop(cache, case, resolve_device(device))
-        for _ in range(3):      # warm-up at the starting lengths (nothing appended twice)
-            loop.forward()
-            loop.lens -= 1
-        torch.cuda.synchronize()
-        iteration, visible, ahead = [], [], 0
-        work: list[bool] = []   # did this iteration's step plan pages (mapped meanwhile)?
-        mapped = _capacity(cache, case.batch)
+    """Per-iteration times of one mode, all its iterations in a row."""
+    runner = ModeRun(device, layout, case, mode, layers, precreate_bytes)
+    try:
         with common.frozen_gc():
-            for step in range(case.iterations):
-                start = time.perf_counter()
-                lead = 1 if mode == "sync" else 2   # this forward's pages, or the next's
-                targets = {s: n + lead for s, n in enumerate(lens)}
-                if mode == "background-late":
-                    call = time.perf_counter()
-                    cache.wait()        # this forward's pages (the previous call's)
-                    waited = time.perf_counter() - call
-                    loop.forward()
-                    call = time.perf_counter()
-                    cache.step_async(targets)
-                    visible.append(waited + time.perf_counter() - call)
-                else:
-                    call = time.perf_counter()
-                    if mode == "sync":
-                        cache.step(targets)
-                    elif mode != "premapped":
-                        cache.step_async(targets)
-                    visible.append(time.perf_counter() - call)
-                    loop.forward()
-                torch.cuda.synchronize()
-                iteration.append(time.perf_counter() - start)
-                lens = [n + 1 for n in lens]
-                now = _capacity(cache, case.batch)
-                work.append(now != mapped)
-                mapped = now
-                if step % 64 == 63:
-                    ahead = max(ahead, cache.stats().pages_ahead)
-        cache.wait()
-        page_mib = cache.layout.page_size_bytes / 2**20
-    return {"iteration_s": iteration, "visible_s": visible, "work": work,
-            "ahead_mib": ahead * page_mib}
+            runner.advance(case.iterations)
+    except BaseException:
+        runner.cache.close()
+        raise
+    return runner.finish()
+
+
+def run_interleaved(device: str, layout: str, case: Case, modes: list[str], layers: int,
+                    precreate_bytes: int, block: int) -> dict[str, dict[str, Any]]:
+    """Every mode's cache alive at once, the modes taking turns `block` iterations at a
+    time: a slow drift of the host (seconds long) hits every mode alike."""
+    runners: list[ModeRun] = []
+    try:
+        for mode in modes:
+            runners.append(ModeRun(device, layout, case, mode, layers, precreate_bytes))
+        with common.frozen_gc():
+            while runners[0].remaining:
+                for runner in runners:
+                    runner.advance(block)
+    except BaseException:
+        for runner in runners:
+            runner.cache.close()
+        raise
+    return {runner.mode: runner.finish() for runner in runners}
 
 
 def _capacity(cache: VirtualKVCache, batch: int) -> int:
@@ -219,6 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="override per case")
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every mode, interleaved; percentiles pool them")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="keep every mode's cache alive and let the modes take turns N "
+                        "iterations at a time, each round (0: one mode after another)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, of {', '.join(MODES + EXTRA_MODES)}; the "
                         "first is the baseline")
@@ -234,6 +294,8 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
     """Run the benchmark; `emit` shows each finished part (the CLI prints it)."""
     if args.rounds < 1:
         raise InvalidArgument(f"--rounds must be >= 1, got {args.rounds}")
+    if args.interleave < 0:
+        raise InvalidArgument(f"--interleave must be >= 0, got {args.interleave}")
     unknown = set(args.modes.split(",")) - set(MODES + EXTRA_MODES)
     if unknown:
         raise InvalidArgument(f"--modes: unknown {sorted(unknown)}; choose from "
@@ -253,6 +315,12 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
             precreate = -1 if args.precreate_gib < 0 else int(args.precreate_gib * 2**30)
             rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
             for _ in range(args.rounds):     # modes interleaved: they share host noise
+                if args.interleave:
+                    done_round = run_interleaved(device, layout, case, modes, args.layers,
+                                                 precreate, args.interleave)
+                    for m in modes:
+                        rounds[m].append(done_round[m])
+                    continue
                 for m in modes:
                     rounds[m].append(run_mode(device, layout, case, m, args.layers, precreate))
             results = {m: _join_rounds(rounds[m]) for m in modes}
