@@ -25,13 +25,13 @@ def test_bench_overlap_interleaved_runs_every_mode_to_the_end(tmp_path) -> None:
     path = tmp_path / "overlap.json"
     out = subprocess.run(
         [sys.executable, "-m", "vattn", "bench", "overlap", "--cases", "b", "--layouts",
-         "token_major", "--layers", "2", "--iterations", "400", "--rounds", "2",
+         "token_major", "--layers", "2", "--iterations", "800", "--rounds", "2",
          "--interleave", "37", "--modes", "premapped,sync,background", "--json", str(path)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(path.read_text())
     assert {m: len(t) for m, t in result["raw"]["b-token_major"].items()} == {
-        "premapped": 800, "sync": 800, "background": 800}
+        "premapped": 1600, "sync": 1600, "background": 1600}
     rows = {r["mode"]: r for r in result["rows"]}
     assert rows["premapped"]["iters mapping"] == 0
     assert rows["sync"]["iters mapping"] > 0 and rows["background"]["iters mapping"] > 0
