@@ -177,10 +177,9 @@ def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
     try:
         with common.frozen_gc():
             runner.advance(case.iterations)
-    except BaseException:
-        runner.cache.close()
-        raise
-    return runner.finish()
+        return runner.finish()
+    finally:
+        runner.cache.close()    # idempotent; here for a failure before finish
 
 
 def run_interleaved(device: str, layout: str, case: Case, modes: list[str], layers: int,
@@ -195,11 +194,10 @@ def run_interleaved(device: str, layout: str, case: Case, modes: list[str], laye
             while runners[0].remaining:
                 for runner in runners:
                     runner.advance(block)
-    except BaseException:
-        for runner in runners:
+        return {runner.mode: runner.finish() for runner in runners}
+    finally:
+        for runner in runners:  # idempotent; here for a failure before every finish
             runner.cache.close()
-        raise
-    return {runner.mode: runner.finish() for runner in runners}
 
 
 def _capacity(cache: VirtualKVCache, batch: int) -> int:
