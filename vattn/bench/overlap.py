@@ -215,8 +215,13 @@ def _join_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _loop_bytes(cache: VirtualKVCache, end: dict[int, int]) -> int:
     """Physical memory the whole run maps, look-ahead included: created up front, as a
-    server grows its pool at start-up (creating pages while kernels run disturbs them)."""
-    lay, slack = cache.layout, cache.config.read_slack + cache.config.lookahead
+    server grows its pool at start-up (creating pages while kernels run disturbs them).
+
+    A slot that grows goes to twice the look-ahead past its target (the high water
+    mark), so its last growth can reach ``end + 2 * lookahead`` tokens plus the slack.
+    """
+    lay, config = cache.layout, cache.config
+    slack = config.read_slack + 2 * config.lookahead
     pages = sum(lay.pages_for_tokens(n, slack) + 1 for n in end.values())
     return pages * lay.num_tensors * lay.page_size_bytes
 

@@ -1,0 +1,38 @@
+"""`vattn bench overlap`'s host-side pieces, on the host backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vattn.bench.overlap import Case, _loop_bytes
+from vattn.cache import VirtualKVCache
+
+
+@pytest.mark.parametrize("layout", ["token_major", "per_layer"])
+@pytest.mark.parametrize("lookahead", [None, 0, 40])
+def test_the_pool_created_up_front_covers_a_whole_background_run(layout: str,
+                                                                 lookahead: int | None) -> None:
+    """The loop's pages are created before it (creating them while kernels run disturbs
+    the kernels): no background step may create one, look-ahead included."""
+    case = Case("t", 5, (700, 730, 1001, 1300, 1999), 900, 4096)
+    with VirtualKVCache(num_layers=3, num_kv_heads=2, head_dim=64, dtype=torch.float16,
+                        max_batch_size=case.batch, max_context_len=case.context,
+                        device="cpu", layout=layout,  # type: ignore[arg-type]
+                        page_size_bytes=16 << 10, lookahead_tokens=lookahead) as cache:
+        lens = list(case.start)
+        end = {s: n + case.iterations + 2 for s, n in enumerate(lens)}
+        cache.grow_pool(_loop_bytes(cache, end))
+        created = cache.stats().pages_created
+        for _ in range(case.batch):
+            cache.allocate()
+        cache.step({s: n + 1 for s, n in enumerate(lens)})
+        grew = 0
+        for _ in range(case.iterations):
+            before = cache.stats().pages_mapped
+            cache.step_async({s: n + 2 for s, n in enumerate(lens)})
+            cache.wait()
+            grew += cache.stats().pages_mapped > before
+            lens = [n + 1 for n in lens]
+        assert grew > 0, "the run must map pages for the check to mean anything"
+        assert cache.stats().pages_created == created
