@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vattn.bench.overlap import Case, _loop_bytes
+from vattn.bench.overlap import Case, _join_rounds, _loop_bytes, summarize
 from vattn.cache import VirtualKVCache
 
 
@@ -36,3 +36,19 @@ def test_the_pool_created_up_front_covers_a_whole_background_run(layout: str,
             lens = [n + 1 for n in lens]
         assert grew > 0, "the run must map pages for the check to mean anything"
         assert cache.stats().pages_created == created
+
+
+def test_summary_pools_rounds_and_reports_pages_created_in_the_loop() -> None:
+    case = Case("t", 1, (10,), 4, 4096)
+    base = _join_rounds([
+        {"iteration_s": [1.0, 1.0], "visible_s": [0.0, 0.0], "work": [False, False],
+         "ahead_mib": 0.0, "created": 0}] * 2)
+    mine = _join_rounds([
+        {"iteration_s": [1.1, 1.1], "visible_s": [1e-5, 2e-5], "work": [True, False],
+         "ahead_mib": 4.0, "created": 3},
+        {"iteration_s": [1.1, 1.1], "visible_s": [1e-5, 1e-5], "work": [False, False],
+         "ahead_mib": 8.0, "created": 2}])
+    row = summarize("per_layer", case, "background", mine, base)
+    assert row["pages created in loop"] == 5 and row["MiB ahead (max)"] == 8
+    assert row["iters mapping"] == 1 and row["p50 vs base"] == "+10.0%"
+    assert row["alloc visible p50 us"] == 10.0

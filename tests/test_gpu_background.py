@@ -35,3 +35,4 @@ def test_bench_overlap_interleaved_runs_every_mode_to_the_end(tmp_path) -> None:
     rows = {r["mode"]: r for r in result["rows"]}
     assert rows["premapped"]["iters mapping"] == 0
     assert rows["sync"]["iters mapping"] > 0 and rows["background"]["iters mapping"] > 0
+    assert [r["pages created in loop"] for r in rows.values()] == [0, 0, 0]

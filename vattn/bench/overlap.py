@@ -122,6 +122,7 @@ class ModeRun:
         self.work: list[bool] = []  # did this iteration's step plan pages (mapped meanwhile)?
         self.ahead = 0
         self._mapped = _capacity(self.cache, case.batch)
+        self._created = self.cache.stats().pages_created
 
     @property
     def remaining(self) -> int:
@@ -164,10 +165,11 @@ class ModeRun:
         try:
             self.cache.wait()
             page_mib = self.cache.layout.page_size_bytes / 2**20
+            created = self.cache.stats().pages_created - self._created
         finally:
             self.cache.close()
         return {"iteration_s": self.iteration, "visible_s": self.visible, "work": self.work,
-                "ahead_mib": self.ahead * page_mib}
+                "ahead_mib": self.ahead * page_mib, "created": created}
 
 
 def run_mode(device: str, layout: str, case: Case, mode: str, layers: int,
@@ -210,7 +212,8 @@ def _join_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"iteration_s": [t for r in rounds for t in r["iteration_s"]],
             "visible_s": [t for r in rounds for t in r["visible_s"]],
             "work": [w for r in rounds for w in r["work"]],
-            "ahead_mib": max(r["ahead_mib"] for r in rounds)}
+            "ahead_mib": max(r["ahead_mib"] for r in rounds),
+            "created": sum(r["created"] for r in rounds)}
 
 
 def _loop_bytes(cache: VirtualKVCache, end: dict[int, int]) -> int:
@@ -239,6 +242,7 @@ def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
            "alloc visible p50 us": round(common.median(vis) * 1e6, 1),
            "alloc visible max us": round(max(vis) * 1e6, 1),
            "MiB ahead (max)": "-" if mode.startswith("premapped") else round(r["ahead_mib"]),
+           "pages created in loop": r["created"],
            "iters mapping": len(worked),
            "their p50 ms": round(common.median(worked) * 1e3, 3) if worked else "-",
            "slowest 0.1% mapping": f"{sum(r['work'][i] for i in slowest)}/{len(slowest)}"}
