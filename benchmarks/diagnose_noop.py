@@ -10,7 +10,6 @@ forward pass, in rotation, the loop otherwise as `vattn bench overlap` runs it.
 
 from __future__ import annotations
 
-import gc
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from vattn.bench import common
 from vattn.bench.overlap import CASES, DecodeLoop
 from vattn.cache import VirtualKVCache
 
@@ -63,24 +63,22 @@ def main(key: str, layout: str, iters: int) -> None:
         names = list(probes)
         cold: dict[str, list[float]] = {k: [] for k in names}
         hot: dict[str, list[float]] = {k: [] for k in names}
-        gc.freeze()
-        gc.disable()
-        for i in range(iters):
-            targets = {s: n + 2 for s, n in enumerate(lens)}
-            name = names[i % len(names)]
-            probe = probes[name]
-            t0 = time.perf_counter()
-            probe(targets)
-            t1 = time.perf_counter()
-            probe(targets)
-            hot[name].append(time.perf_counter() - t1)
-            cold[name].append(t1 - t0)
-            loop.forward()
-            torch.cuda.synchronize()
-            for s in range(case.batch):   # as bench overlap does after each iteration
-                c.capacity(s)
-            lens = [n + 1 for n in lens]
-        gc.enable()
+        with common.frozen_gc():
+            for i in range(iters):
+                targets = {s: n + 2 for s, n in enumerate(lens)}
+                name = names[i % len(names)]
+                probe = probes[name]
+                t0 = time.perf_counter()
+                probe(targets)
+                t1 = time.perf_counter()
+                probe(targets)
+                hot[name].append(time.perf_counter() - t1)
+                cold[name].append(t1 - t0)
+                loop.forward()
+                torch.cuda.synchronize()
+                for s in range(case.batch):   # as bench overlap does after each iteration
+                    c.capacity(s)
+                lens = [n + 1 for n in lens]
     print(f"case {key} {layout}: cold median / p90, hot median (us)")
     for k in names:
         xs = sorted(cold[k])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vattn.bench.overlap import Case, _join_rounds, _loop_bytes, summarize
+from vattn.bench.overlap import Case, _join_rounds, prepare, summarize
 from vattn.cache import VirtualKVCache
 
 
@@ -20,13 +20,9 @@ def test_the_pool_created_up_front_covers_a_whole_background_run(layout: str,
                         max_batch_size=case.batch, max_context_len=case.context,
                         device="cpu", layout=layout,  # type: ignore[arg-type]
                         page_size_bytes=16 << 10, lookahead_tokens=lookahead) as cache:
-        lens = list(case.start)
-        end = {s: n + case.iterations + 2 for s, n in enumerate(lens)}
-        cache.grow_pool(_loop_bytes(cache, end))
+        prepare(cache, case, premapped=False, precreate_bytes=-1)
         created = cache.stats().pages_created
-        for _ in range(case.batch):
-            cache.allocate()
-        cache.step({s: n + 1 for s, n in enumerate(lens)})
+        lens = list(case.start)
         grew = 0
         for _ in range(case.iterations):
             before = cache.stats().pages_mapped

@@ -84,6 +84,17 @@ class DecodeLoop:
         self.lens += 1
 
 
+def prepare(cache: VirtualKVCache, case: Case, premapped: bool, precreate_bytes: int) -> None:
+    """Create the pool (`precreate_bytes`; < 0: all the run maps), take every slot, and
+    map the first forward's pages (premapped: the whole run's)."""
+    first = {s: n + 1 for s, n in enumerate(case.start)}
+    end = {s: n + case.iterations + 2 for s, n in enumerate(case.start)}
+    cache.grow_pool(_loop_bytes(cache, end) if precreate_bytes < 0 else precreate_bytes)
+    for _ in range(case.batch):
+        cache.allocate()
+    cache.step(end if premapped else first)
+
+
 class ModeRun:
     """One mode's cache and loop, advanced a block of iterations at a time, so that
     several modes can take turns in one process (``--interleave``)."""
@@ -102,13 +113,7 @@ class ModeRun:
         try:
             cache = self.cache
             self.lens = list(case.start)
-            first = {s: n + 1 for s, n in enumerate(self.lens)}
-            end = {s: n + case.iterations + 2 for s, n in enumerate(self.lens)}
-            cache.grow_pool(_loop_bytes(cache, end) if precreate_bytes < 0
-                            else precreate_bytes)
-            for _ in range(case.batch):
-                cache.allocate()
-            cache.step(end if premapped else first)
+            prepare(cache, case, premapped, precreate_bytes)
             self.loop = DecodeLoop(cache, case, resolve_device(device))
             for _ in range(3):  # warm-up at the starting lengths (nothing appended twice)
                 self.loop.forward()
