@@ -11,6 +11,7 @@ Each tiling's outputs are checked against the default tiling's before they are t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 import torch
@@ -78,14 +79,17 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
                                  cell.slots, tiling=t, max_decode_len=context)
 
         t_p, t_d = _graph_us(prefill, repeats), _graph_us(decode, repeats)
-        for policy in policies:
-            def fused(t: PodTiling = tiling, policy: str = policy) -> object:
+        for named in policies:     # "partitioned:0.4": that share of SMs decode first
+            policy, _, share = named.partition(":")
+            t_fused = dataclasses.replace(tiling, decode_sms=float(share)) if share else tiling
+
+            def fused(t: PodTiling = t_fused, policy: str = policy) -> object:
                 return pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens,
                                      cell.slots, policy=policy, tiling=t,  # type: ignore[arg-type]
                                      max_decode_len=context)
 
             t_pod = _graph_us(fused, repeats)
-            rows.append({**base, "tiling": _name(tiling), "policy": policy, "pod us": t_pod,
+            rows.append({**base, "tiling": _name(tiling), "policy": named, "pod us": t_pod,
                          "pod prefill us": t_p, "pod decode us": t_d,
                          "vs own halves": round((t_p + t_d) / t_pod, 3),
                          "own ideal": round((t_p + t_d) / max(t_p, t_d), 3),

@@ -44,8 +44,9 @@ from vattn.kernels.decode import (
     require_runnable,
 )
 
-Policy = Literal["proportional", "50:50"]
-POLICIES: tuple[Policy, ...] = ("proportional", "50:50")
+Policy = Literal["proportional", "50:50", "partitioned"]
+POLICIES: tuple[Policy, ...] = ("proportional", "50:50", "partitioned")
+_POLICY_CODE = {"proportional": 0, "50:50": 1, "partitioned": 2}
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,6 +63,9 @@ class PodTiling:
     """Tokens per decode split (a multiple of `decode_block_n`)."""
     num_warps: int = 4
     num_stages: int = 3
+    decode_sms: float = 0.5
+    """The ``"partitioned"`` policy: the share of SMs whose programs take decode
+    splits first (the others take prefill tiles first), spread evenly over SM ids."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "decode_block_n"):
@@ -75,6 +79,8 @@ class PodTiling:
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if not 0.0 <= self.decode_sms <= 1.0:
+            raise ValueError(f"decode_sms must be in [0, 1], got {self.decode_sms}")
 
 
 @triton.jit
@@ -275,12 +281,12 @@ def _decode_split(  # type: ignore[no-untyped-def]
 def _pod_kernel(  # type: ignore[no-untyped-def]
     qp_ptr, op_ptr, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr,
     part_ptr, lse_ptr, counters_ptr, arrive_ptr,
-    prefix, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,
+    prefix, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len, decode_sms,
     stride_qpm, stride_qph, stride_opm, stride_oph,
     stride_qdb, stride_qdh, stride_odb, stride_odh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, FIFTY_FIFTY: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, POLICY: tl.constexpr,
     NUM_SM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
@@ -289,11 +295,14 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets.
     sm = _smid(INTERPRETED, NUM_SM)
     total = num_prefill + num_decode
-    local = tl.atomic_add(counters_ptr + 2 + sm, 1)
-    if FIFTY_FIFTY:
-        want_prefill = local % 2 == 0
-    else:       # ticket i is prefill when floor(i * P / T) steps: P of every T, spread
-        want_prefill = ((local + 1) * num_prefill) // total > (local * num_prefill) // total
+    if POLICY == 2:     # partitioned: decode_sms of the NUM_SM SMs, spread, decode first
+        want_prefill = ((sm + 1) * decode_sms) // NUM_SM == (sm * decode_sms) // NUM_SM
+    else:
+        local = tl.atomic_add(counters_ptr + 2 + sm, 1)
+        if POLICY == 1:     # 50:50
+            want_prefill = local % 2 == 0
+        else:   # proportional: ticket i is prefill when floor(i * P / T) steps (P of T)
+            want_prefill = ((local + 1) * num_prefill) // total > (local * num_prefill) // total
     kind = tl.where(want_prefill, 0, 1)
     unit = tl.atomic_add(counters_ptr + kind, 1)
     if unit >= tl.where(kind == 0, num_prefill, num_decode):
@@ -401,14 +410,14 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         q_prefill, out_prefill, q_decode, out_decode, k_cache, v_cache,
         lens_arg, slots_arg, part, lse, counters, arrive,
         prefix_len, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,
-        q_prefill.stride(0), q_prefill.stride(1), out_prefill.stride(0),
-        out_prefill.stride(1), q_decode.stride(0), q_decode.stride(1),
-        out_decode.stride(0), out_decode.stride(1),
+        round(tiling.decode_sms * sms),
+        q_prefill.stride(0), q_prefill.stride(1), out_prefill.stride(0), out_prefill.stride(1),
+        q_decode.stride(0), q_decode.stride(1), out_decode.stride(0), out_decode.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, NUM_SPLITS=num_splits,
         HEAD_DIM=head_dim, HAS_SLOTS=decode_slots is not None,
-        FIFTY_FIFTY=policy == "50:50", NUM_SM=sms,
+        POLICY=_POLICY_CODE[policy], NUM_SM=sms,
         UPCAST=interpreted and q_decode.dtype == torch.bfloat16,
         PRECISION="ieee" if q_decode.dtype == torch.float32 else None,
         INTERPRETED=interpreted, SPLIT=tiling.split, BLOCK_M=tiling.block_m,

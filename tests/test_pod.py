@@ -56,7 +56,7 @@ def hybrid(dtype: torch.dtype, layout: str, prefix: int, chunk: int, lengths: li
     return cache, k, v, qp, qd, slots
 
 
-@pytest.mark.parametrize("policy", ["proportional", "50:50"])
+@pytest.mark.parametrize("policy", ["proportional", "50:50", "partitioned"])
 @pytest.mark.parametrize("layout,dtype", [("per_layer", torch.bfloat16),
                                           ("token_major", torch.float16),
                                           ("per_layer", torch.float32)])
