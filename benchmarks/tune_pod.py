@@ -80,7 +80,8 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
 
         t_p, t_d = _graph_us(prefill, repeats), _graph_us(decode, repeats)
         for named in policies:     # "partitioned:0.4": that share of SMs decode first
-            policy, _, share = named.partition(":")
+            policy, share = (named.split(":") if named.startswith("partitioned:")
+                             else (named, ""))
             t_fused = dataclasses.replace(tiling, decode_sms=float(share)) if share else tiling
 
             def fused(t: PodTiling = t_fused, policy: str = policy) -> object:
