@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
@@ -101,11 +102,26 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
     return rows
 
 
+def _cells(text: str | None) -> list[tuple[int, int, int, int]]:
+    if text is None:
+        return CELLS
+    if text == "grid":
+        return list(itertools.product((512, 1024, 2048), (0, 4096, 16384), (8, 32, 64),
+                                      (4096, 16384)))
+    cells = [tuple(int(v) for v in cell.split(":")) for cell in text.split(",")]
+    if any(len(cell) != 4 for cell in cells):
+        raise SystemExit(f"--cells: CHUNK:PREFIX:BATCH:CONTEXT,..., got {text!r}")
+    return cells  # type: ignore[return-value]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=("full", "quick"), default="full")
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cells", default=None,
+                        help="'grid' (every cell of `vattn bench pod`) or "
+                             "CHUNK:PREFIX:BATCH:CONTEXT,...; default four cells")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     common.require_cuda(torch.device("cuda"), "tune_pod")
@@ -115,7 +131,7 @@ def main() -> None:
     if PodTiling() not in configs:
         configs.append(PodTiling())
     rows: list[dict[str, Any]] = []
-    for shape in CELLS:
+    for shape in _cells(args.cells):
         mine = sorted(sweep(shape, configs, args.policies.split(","), args.repeats),
                       key=lambda r: r["pod us"])
         rows += mine
