@@ -14,6 +14,7 @@ against the default; ``--json PATH`` keeps every timing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 from typing import Any
@@ -39,9 +40,15 @@ SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-16k", 1, 16, 2, 128, 16384, T
 def tilings(grid: str) -> list[Tiling]:
     """``full``: tile tokens x warps x stages x programs per SM; ``runs``: the shortest
     run (tiles) for the two best of the full sweep; ``paged``: tile tokens x stages x
-    programs per SM for the paged twin; ``quick``: the default only."""
+    programs per SM for the paged twin; ``reduction``: two tilings, each with the merge
+    in the split launch and in a second launch; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "reduction":
+        return [dataclasses.replace(t, fused_reduction=fused)
+                for t in (default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
+                                                      programs_per_sm=2))
+                for fused in (True, False)]
     if grid == "paged":
         return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=p)
                 for n, s, p in itertools.product((16, 32, 64, 128), (2, 3), (1, 2))]
@@ -55,7 +62,7 @@ def tilings(grid: str) -> list[Tiling]:
 
 def _name(t: Tiling) -> str:
     return (f"n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm} "
-            f"m{t.min_blocks_per_run}")
+            f"m{t.min_blocks_per_run}" + ("" if t.fused_reduction else " two-launch"))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
@@ -124,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--grid", choices=("full", "runs", "paged", "quick"), default="full")
+    parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "quick"),
+                        default="full")
     parser.add_argument("--paged", type=int, default=0,
                         help="time the paged twin at this block size (0: the dense kernel)")
     parser.add_argument("--token-major", type=int, default=0, metavar="LAYERS",

@@ -119,16 +119,17 @@ def _attend_block(  # type: ignore[no-untyped-def]
 @triton.jit
 def _split_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, starts_ptr, table_ptr, o_ptr, lse_ptr,
+    out_ptr, arrive_ptr,
     stride_qb, stride_qh, stride_tb,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
-    stride_op, stride_oh, stride_lp,
+    stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
     qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
-    INTERPRETED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    FUSED: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
@@ -144,38 +145,57 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
         row = first_row
         while row <= last_row:
-            _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, start, end,
-                     through, rows, row, piece, kv_head, lo, hi,
-                     stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
+            _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr,
+                     arrive_ptr, start, end, through, run, rows, row, piece, kv_head, lo,
+                     hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
-                     qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
-                     UPCAST, PRECISION, BLOCK_G, BLOCK_N, BLOCK_D)
+                     stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
+                     KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
+                     BLOCK_N, BLOCK_D)
             row += 1
     else:
         for row in range(first_row, last_row + 1):
-            _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, start, end,
-                     through, rows, row, piece, kv_head, lo, hi,
-                     stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
+            _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr,
+                     arrive_ptr, start, end, through, run, rows, row, piece, kv_head, lo,
+                     hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
-                     qk_scale, num_slots, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, INTERPRETED,
-                     UPCAST, PRECISION, BLOCK_G, BLOCK_N, BLOCK_D)
+                     stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
+                     KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
+                     BLOCK_N, BLOCK_D)
+    if FUSED:   # rows with nothing to attend to: zeros, each row by one program
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + offs_g
+        zero_mask = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        zeros = tl.zeros([BLOCK_G, BLOCK_D], out_ptr.dtype.element_ty)
+        empty = (end <= start).to(tl.int32)
+        row = piece
+        while row < batch:
+            if _pick(empty, rows, row) != 0:
+                tl.store(out_ptr + row * stride_outb + heads[:, None] * stride_outh
+                         + offs_d[None, :], zeros, mask=zero_mask)
+            row += num_splits
 
 
 @triton.jit
 def _segment(  # type: ignore[no-untyped-def]
-    q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, start, end, through, rows,
-    row, piece, kv_head, lo, hi,
+    q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr, arrive_ptr, start,
+    end, through, run, rows, row, piece, kv_head, lo, hi,
     stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
-    qk_scale, num_slots,
+    stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb,
+    stride_outh, qk_scale, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Attend over the blocks of run `piece` (global blocks ``[lo, hi)``) that belong to
     `row`, and store the partial as number ``piece + row`` (unique: the runs after this
-    one start at this row or later)."""
+    one start at this row or later).
+
+    FUSED: a row within one run is written to the output at once; otherwise the last
+    of the row's runs to arrive (an atomic count per row and KV head) merges the
+    partials and resets its count to zero for the next launch."""
     row_start = _pick(start, rows, row)
     row_end = _pick(end, rows, row)
     row_through = _pick(through, rows, row)
@@ -224,11 +244,48 @@ def _segment(  # type: ignore[no-untyped-def]
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(safe_l), float("-inf"))
-    store = g_mask & (last_block > first_block)
-    index = piece + row
-    tl.store(o_ptr + index * stride_op + heads[:, None] * stride_oh + offs_d[None, :],
-             acc / safe_l[:, None], mask=store[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + index * stride_lp + heads, lse, mask=store)
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    out_ptrs = out_ptr + row * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
+    # The runs holding the row's first and last blocks (as `_reduce_kernel` finds them).
+    first_piece = row_first // run
+    last_piece = (row_through - 1) // run
+    if FUSED and first_piece == last_piece:
+        if last_block > first_block:
+            tl.store(out_ptrs, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=gd_mask)
+    elif last_block > first_block:
+        index = piece + row
+        tl.store(o_ptr + index * stride_op + heads[:, None] * stride_oh + offs_d[None, :],
+                 acc / safe_l[:, None], mask=gd_mask)
+        tl.store(lse_ptr + index * stride_lp + heads, lse, mask=g_mask)
+        if FUSED:   # release the partial, count the arrival; the last one merges
+            tl.debug_barrier()
+            count = arrive_ptr + row * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+            if arrived == last_piece - first_piece:
+                tl.debug_barrier()
+                m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                denom = tl.zeros([BLOCK_G], tl.float32)
+                total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                other = first_piece
+                while other <= last_piece:
+                    at = other + row
+                    lse_s = tl.load(lse_ptr + at * stride_lp + heads, mask=g_mask,
+                                    other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(o_ptr + at * stride_op + heads[:, None] * stride_oh
+                                  + offs_d[None, :], mask=gd_mask, other=0.0,
+                                  cache_modifier=".cg")
+                    m_new = tl.maximum(m, lse_s)
+                    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+                    scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
+                    w = tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m_safe), 0.0)
+                    denom = denom * scale + w
+                    total = total * scale[:, None] + o_s * w[:, None]
+                    m = m_new
+                    other += 1
+                tl.store(out_ptrs, (total / tl.where(denom > 0, denom, 1.0)[:, None])
+                         .to(out_ptr.dtype.element_ty), mask=gd_mask)
+                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")   # ready for the next
 
 
 @triton.jit
@@ -327,6 +384,9 @@ class Tiling:
     min_blocks_per_run: int = 1
     """Fewer runs where a run would get fewer tiles than this with every request at
     ``Lmax`` (a program's fixed cost dominates short runs)."""
+    fused_reduction: bool = True
+    """One launch: the last run of a request to finish merges its partials (an atomic
+    count per request and KV head). False: a second launch merges them all."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -424,23 +484,30 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     lse = torch.empty(splits + batch, num_heads, device=q.device, dtype=torch.float32)
     scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
     dummy = lens                        # stands for absent pointers (never read)
+    fused = tiling.fused_reduction
+    # Arrivals per (request, KV head); the merging program sets its count back to 0.
+    arrive = torch.zeros(batch * num_kv_heads if fused else 1, device=q.device,
+                         dtype=torch.int32)
     shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
                   INTERPRETED=_interpreted(), BLOCK_B=max(2, triton.next_power_of_2(batch)),
                   BLOCK_N=tiling.block_n, BLOCK_D=block_d)
     _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
         starts if starts is not None else dummy, table if table is not None else dummy,
-        part, lse,
+        part, lse, out, arrive,
         q.stride(0), q.stride(1), table.stride(0) if table is not None else 0,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        part.stride(0), part.stride(1), lse.stride(0),
+        part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         scale, batch, num_slots, max_len, splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
-        HAS_SLOTS=slots is not None, UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+        HAS_SLOTS=slots is not None, FUSED=fused,
+        UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    if fused:
+        return out
     _reduce_kernel[(num_heads, batch)](
         lens, slots if slots is not None else dummy, starts if starts is not None else dummy,
         part, lse, out,

@@ -324,6 +324,33 @@ def test_uneven_rows_are_cut_into_chunks_that_cover_them(splits: int | None) -> 
     assert torch.equal(out[5], torch.zeros_like(out[5]))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_reductions_overwrite_every_row_of_out_twice(fused: bool) -> None:
+    # One launch (the last run of a row merges) or two (a merge kernel): every row of a
+    # NaN-filled `out` is written, empty rows included, and a second call on the same
+    # inputs gives the same result (the arrival counts start from zero again).
+    from vattn.kernels import Tiling
+    from vattn.kernels.decode import launch
+
+    tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1,
+                    fused_reduction=fused)
+    lmax = 200
+    k = torch.randn(5, lmax, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(5, 2 * HKV, D, device=DEVICE).to(torch.float16)
+    lengths, slots, starts = [200, 0, 17, 90, 33], [4, 3, 2, 1, 0], [0, 0, 0, 3, 40]
+    ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
+    for splits in (1, 3, 7, 40):
+        out = torch.full_like(q, float("nan"))
+        for _ in range(2):
+            launch(q, k, v, _ints(lengths), _ints(slots), _ints(starts), None, 0, 5, lmax,
+                   None, out, splits, tiling)
+            assert not torch.isnan(out).any(), splits
+            assert relative_error(out, ref) < 1e-2, splits
+            assert torch.equal(out[1], torch.zeros_like(out[1]))   # nothing to attend to
+            assert torch.equal(out[4], torch.zeros_like(out[4]))   # start past the length
+
+
 def test_tiling_is_validated_and_sets_the_run_count() -> None:
     from vattn.kernels import Tiling, num_splits_for
 
