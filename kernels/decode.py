@@ -2,14 +2,17 @@
 
 One query token per request attends over that request's slot of a ``[slots, Lmax,
 Hkv, D]`` strided K/V view (both vattn layouts, any batch/sequence/head strides, last
-dim contiguous). Two launches::
+dim contiguous). One launch::
 
     _split_kernel   grid (num_splits, Hkv): the batch's KV blocks, laid end to end, are
                     cut into num_splits equal runs; a program takes one run for the
-                    query heads of one KV head (GQA group packed into the MMA tile) and
-                    writes a partial output and its log2-sum-exp for each request the
-                    run touches
-    _reduce_kernel  grid (Hq, B): rescales and sums the partials of each request
+                    query heads of one KV head (GQA group packed into the MMA tile). A
+                    request within one run is written to the output at once; for one
+                    that spans runs, each run writes a partial output and its
+                    log2-sum-exp, and the last of them to finish (an atomic count per
+                    request and KV head) rescales and sums them
+    _reduce_kernel  grid (Hq, B), only with ``Tiling(fused_reduction=False)``: a second
+                    launch that merges every request's partials instead
 
           request 0          request 1      request 2 (empty)  request 3
     |-----------------|--------------------||---------------------------|  blocks
