@@ -16,10 +16,12 @@ kind is not fixed by its id but picked when it starts. It reads the SM it runs o
 (``%smid``), takes a ticket from that SM's counter, and the ticket's kind follows the
 policy (``"proportional"``: prefill tickets in the ratio of prefill to all units, spread
 evenly; ``"50:50"``: alternate), so the programs resident on one SM at once take both
-kinds. It then claims the next unit of that kind from the kind's global counter, or of
-the other kind when that is exhausted (there is always one left: one unit per
-program). Counters and partials live in a workspace zeroed by the caller (one memset);
-nothing syncs with the host, so a step can be captured in a CUDA graph.
+kinds. ``"partitioned"`` instead gives each SM one kind: a share of the SMs
+(`PodTiling.decode_sms`) take decode splits, the others prefill tiles. A program then
+claims the next unit of its kind from the kind's global counter, or of the other kind
+when that is exhausted (there is always one left: one unit per program). Counters and
+partials live in a workspace zeroed by the caller (one memset); nothing syncs with the
+host, so a step can be captured in a CUDA graph.
 
 The prefill chunk's K/V must already be in the cache (`append_kv`), at tokens
 ``[prefix_len, prefix_len + chunk)`` of its slot, as for `flash_attention`.
@@ -352,9 +354,10 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         decode_slots: ``[B]``, the slot each decode reads (default row ``b``: slot
             ``b``); a slot out of range reads nothing (zero output).
         softmax_scale: default ``D ** -0.5``.
-        policy: ``"50:50"`` (default: the better of the two on an H200, `vattn bench
-            pod`) or ``"proportional"``, how each SM's programs alternate
-            between prefill and decode units.
+        policy: ``"50:50"`` (default: the best of the three on an H200, `vattn bench
+            pod` and `tune_pod.py`) or ``"proportional"``, how each SM's programs
+            alternate between prefill and decode units; or ``"partitioned"``, each SM
+            taking one kind first (`PodTiling.decode_sms` of them decode).
         tiling: default `PodTiling()`.
         max_decode_len: an upper bound on `decode_seqlens` (default ``Lmax``), as
             FlashAttention's ``max_seqlen_k``: the decodes are cut into
