@@ -66,10 +66,12 @@ def _name(t: Tiling) -> str:
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
-          block_size: int, token_major: int = 0) -> list[dict[str, Any]]:
+          block_size: int, token_major: int = 0,
+          workspace_too: bool = False) -> list[dict[str, Any]]:
     """Time every tiling on one shape: the dense kernel, or with `block_size` the paged
     twin on the same K/V copied into shuffled blocks; with `token_major` layers, on
-    layer views of token-major tensors."""
+    layer views of token-major tensors. `workspace_too`: each fused tiling also with
+    one zeroed workspace reused by every call (no memset per call)."""
     name, batch, num_q, num_kv, head_dim, context, equal = shape
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     lengths = (torch.full((batch,), context, device="cuda") if equal else
@@ -106,22 +108,28 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
             blocks[:, table.flatten().long()] = pair.reshape(blocks.shape)
             kv[i] = blocks
 
-    def call(layer: int, tiling: Tiling) -> torch.Tensor:
+    def call(layer: int, tiling: Tiling, workspace: torch.Tensor | None = None) -> torch.Tensor:
         k, v = kv[layer]
         return launch(q, k, v, lens, None, None, table, block_size, k.shape[0], context,
-                      None, None, None, tiling)
+                      None, None, None, tiling, workspace)
 
+    workspace = torch.zeros(batch * num_kv, dtype=torch.int32, device="cuda")
+    runs = [(t, None) for t in configs] + [
+        (t, workspace) for t in configs if workspace_too and t.fused_reduction]
     rows = []
-    for tiling in configs:
-        got = call(0, tiling).float()
+    for tiling, space in runs:
+        got = call(0, tiling, space).float()
         error = ((got - expected).norm() / expected.norm()).item()
         if not error < 1e-2:
             raise AssertionError(f"{name} {tiling}: relative error {error} against default")
         seconds = common.median(common.graph_times(
-            [functools.partial(call, layer, tiling=tiling) for layer in range(layers)],
-            repeats))
+            [functools.partial(call, layer, tiling=tiling, workspace=space)
+             for layer in range(layers)], repeats))
+        if space is not None and space.any():
+            raise AssertionError(f"{name} {tiling}: the workspace was not left at zero")
         rows.append({"shape": name, "block": block_size or "dense",
-                     "layout": "token_major" if token_major else "plain", "tiling": _name(tiling),
+                     "layout": "token_major" if token_major else "plain",
+                     "tiling": _name(tiling) + (" workspace" if space is not None else ""),
                      "us": round(seconds * 1e6, 1),
                      "TB/s": round(kv_bytes / seconds / 1e12, 2)})
     return rows
@@ -150,8 +158,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     summary = []
     for shape in (s for s in SHAPES if s[0] in wanted):
-        mine = sorted(sweep(shape, configs, args.repeats, args.paged,
-                             args.token_major), key=lambda r: r["us"])
+        mine = sorted(sweep(shape, configs, args.repeats, args.paged, args.token_major,
+                            args.grid == "reduction"), key=lambda r: r["us"])
         rows += mine
         torch.cuda.empty_cache()
         print(f"\n{shape[0]}\n" + common.markdown_table(mine[:8]), flush=True)

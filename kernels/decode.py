@@ -427,7 +427,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cache_seqlens: torch.Tensor, slots: torch.Tensor | None = None,
                      starts: torch.Tensor | None = None, softmax_scale: float | None = None,
                      out: torch.Tensor | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None,
+                     workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query token per request over its slot of the cache.
 
     Args:
@@ -447,6 +448,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             None.
         num_splits: cut the batch's KV, laid end to end, into this many equal runs
             per KV head (tests); default `num_splits_for`.
+        workspace: int32, at least ``B * Hkv`` elements, all zero: the arrival counts
+            of the merge, which the call leaves at zero again. Reuse one across calls
+            (or a CUDA graph's replays) to save the memset of a fresh one; never share
+            it between launches that may run at the same time (other streams).
 
     Returns ``[B, Hq, D]``: rows with nothing to attend to are zero.
 
@@ -455,20 +460,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k, v = cache.kv(layer)
         o = decode_attention(q, k, v, lengths_int32, slots=slot_ids)
     """
-    check_inputs(q, k_cache, v_cache, cache_seqlens, slots, starts)
+    check_inputs(q, k_cache, v_cache, cache_seqlens, slots, starts, workspace)
     return launch(q, k_cache, v_cache, cache_seqlens, slots, starts, None, 0,
-                  k_cache.shape[0], k_cache.shape[1], softmax_scale, out, num_splits)
+                  k_cache.shape[0], k_cache.shape[1], softmax_scale, out, num_splits,
+                  workspace=workspace)
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
            slots: torch.Tensor | None, starts: torch.Tensor | None,
            table: torch.Tensor | None, kv_block: int, num_slots: int, max_len: int,
            softmax_scale: float | None, out: torch.Tensor | None,
-           num_splits: int | None, tiling: Tiling | None = None) -> torch.Tensor:
-    """Both launches, on checked arguments. Contiguous (``kv_block == 0``): `k`, `v` are
-    ``[num_slots, max_len, Hkv, D]``. Paged: ``[num_slots blocks, kv_block, Hkv, D]``
-    and `table` ``[B, max_len // kv_block]`` holds each row's block ids. `tiling`
-    overrides `default_tiling` (the tuning sweep)."""
+           num_splits: int | None, tiling: Tiling | None = None,
+           workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """The launch (or two), on checked arguments. Contiguous (``kv_block == 0``): `k`,
+    `v` are ``[num_slots, max_len, Hkv, D]``. Paged: ``[num_slots blocks, kv_block, Hkv,
+    D]`` and `table` ``[B, max_len // kv_block]`` holds each row's block ids. `tiling`
+    overrides `default_tiling` (the tuning sweep); `workspace` as in
+    `decode_attention`."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     if out is None:
@@ -489,8 +497,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     dummy = lens                        # stands for absent pointers (never read)
     fused = tiling.fused_reduction
     # Arrivals per (request, KV head); the merging program sets its count back to 0.
-    arrive = torch.zeros(batch * num_kv_heads if fused else 1, device=q.device,
-                         dtype=torch.int32)
+    if workspace is not None:
+        arrive = workspace
+    else:
+        arrive = torch.zeros(batch * num_kv_heads if fused else 1, device=q.device,
+                             dtype=torch.int32)
     shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
                   INTERPRETED=_interpreted(), BLOCK_B=max(2, triton.next_power_of_2(batch)),
                   BLOCK_N=tiling.block_n, BLOCK_D=block_d)
@@ -522,7 +533,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
-                 slots: torch.Tensor | None, starts: torch.Tensor | None) -> None:
+                 slots: torch.Tensor | None, starts: torch.Tensor | None,
+                 workspace: torch.Tensor | None = None) -> None:
     """Shapes, dtypes, strides and devices (K/V as ``[N, L, Hkv, D]``)."""
     if q.dim() != 3:
         raise InvalidArgument(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
@@ -548,6 +560,12 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.
                                  or ints.dtype not in (torch.int32, torch.int64)):
             raise InvalidArgument(f"{name} must be [{batch}] int32/int64, got "
                                   f"{tuple(ints.shape)} {ints.dtype}")
-    for name, tensor in [("k_cache", k), ("v_cache", v), *index]:
+    for name, tensor in [("k_cache", k), ("v_cache", v), *index, ("workspace", workspace)]:
         if tensor is not None and tensor.device != q.device:
             raise InvalidArgument(f"{name} is on {tensor.device}, q on {q.device}")
+    if workspace is not None and (workspace.dtype != torch.int32 or workspace.dim() != 1
+                                  or not workspace.is_contiguous()
+                                  or workspace.numel() < batch * k.shape[2]):
+        raise InvalidArgument(f"workspace must be a contiguous 1-D int32 tensor of at least "
+                              f"{batch * k.shape[2]} (B * Hkv) elements, got "
+                              f"{tuple(workspace.shape)} {workspace.dtype}")

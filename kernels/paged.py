@@ -29,7 +29,8 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
                            starts: torch.Tensor | None = None,
                            softmax_scale: float | None = None,
                            out: torch.Tensor | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None,
+                           workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query token per request over paged K/V.
 
     Args:
@@ -40,7 +41,7 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
             order; ids out of ``[0, num_blocks)`` read nothing.
         cache_seqlens: ``[B]`` int, tokens of each request (at most
             ``max_blocks * block_size``; more are clamped).
-        starts, softmax_scale, out, num_splits: as in `decode_attention`.
+        starts, softmax_scale, out, num_splits, workspace: as in `decode_attention`.
 
     Returns ``[B, Hq, D]``.
 
@@ -48,7 +49,7 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
 
         o = paged_decode_attention(q, k_blocks, v_blocks, block_table, lengths)
     """
-    check_inputs(q, k_blocks, v_blocks, cache_seqlens, None, starts)
+    check_inputs(q, k_blocks, v_blocks, cache_seqlens, None, starts, workspace)
     batch = q.shape[0]
     if (block_table.dim() != 2 or block_table.shape[0] != batch
             or block_table.dtype not in (torch.int32, torch.int64)
@@ -60,4 +61,4 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
     block_size = k_blocks.shape[1]
     return launch(q, k_blocks, v_blocks, cache_seqlens, None, starts, block_table,
                   block_size, k_blocks.shape[0], block_table.shape[1] * block_size,
-                  softmax_scale, out, num_splits, paged_tiling(q.shape[-1]))
+                  softmax_scale, out, num_splits, paged_tiling(q.shape[-1]), workspace)

@@ -159,6 +159,7 @@ def test_append_never_writes_past_max_context_len() -> None:
     ("q_shape", "q must be [B, Hq, D]"),
     ("lengths", "cache_seqlens must be [2] int32/int64"),
     ("strided", "contiguous last dim"),
+    ("workspace", "workspace must be a contiguous 1-D int32 tensor of at least 4"),
 ])
 def test_decode_refuses_bad_input(change: str, message: str) -> None:
     k = torch.randn(3, 40, HKV, D, device=DEVICE).to(torch.float16)
@@ -177,8 +178,11 @@ def test_decode_refuses_bad_input(change: str, message: str) -> None:
         lengths = lengths.float()
     elif change == "strided":
         k = torch.randn(3, 40, HKV, 2 * D, device=DEVICE).to(torch.float16)[..., ::2]
+    workspace = None
+    if change == "workspace":
+        workspace = torch.zeros(3, dtype=torch.int32, device=DEVICE)    # B * Hkv = 4
     with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
-        decode_attention(q, k, v, lengths)
+        decode_attention(q, k, v, lengths, workspace=workspace)
 
 
 def test_append_refuses_bad_input() -> None:
@@ -324,16 +328,18 @@ def test_uneven_rows_are_cut_into_chunks_that_cover_them(splits: int | None) -> 
     assert torch.equal(out[5], torch.zeros_like(out[5]))
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_both_reductions_overwrite_every_row_of_out_twice(fused: bool) -> None:
+@pytest.mark.parametrize("merge", ["fused", "fused, one workspace", "two launches"])
+def test_both_reductions_overwrite_every_row_of_out_twice(merge: str) -> None:
     # One launch (the last run of a row merges) or two (a merge kernel): every row of a
     # NaN-filled `out` is written, empty rows included, and a second call on the same
-    # inputs gives the same result (the arrival counts start from zero again).
+    # inputs gives the same result; a workspace reused across calls is left at zero.
     from vattn.kernels import Tiling
     from vattn.kernels.decode import launch
 
     tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1,
-                    fused_reduction=fused)
+                    fused_reduction=merge != "two launches")
+    workspace = (torch.zeros(5 * HKV + 3, dtype=torch.int32, device=DEVICE)
+                 if merge == "fused, one workspace" else None)
     lmax = 200
     k = torch.randn(5, lmax, HKV, D, device=DEVICE).to(torch.float16)
     v = torch.randn_like(k)
@@ -344,7 +350,9 @@ def test_both_reductions_overwrite_every_row_of_out_twice(fused: bool) -> None:
         out = torch.full_like(q, float("nan"))
         for _ in range(2):
             launch(q, k, v, _ints(lengths), _ints(slots), _ints(starts), None, 0, 5, lmax,
-                   None, out, splits, tiling)
+                   None, out, splits, tiling, workspace)
+            if workspace is not None:
+                assert not workspace.any(), splits
             assert not torch.isnan(out).any(), splits
             assert relative_error(out, ref) < 1e-2, splits
             assert torch.equal(out[1], torch.zeros_like(out[1]))   # nothing to attend to
