@@ -48,7 +48,7 @@ def tilings(grid: str) -> list[Tiling]:
         return [dataclasses.replace(t, fused_reduction=fused)
                 for t in (default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
                                                       programs_per_sm=2))
-                for fused in (True, False)]
+                for fused in (None, True, False)]
     if grid == "paged":
         return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=p)
                 for n, s, p in itertools.product((16, 32, 64, 128), (2, 3), (1, 2))]
@@ -62,7 +62,8 @@ def tilings(grid: str) -> list[Tiling]:
 
 def _name(t: Tiling) -> str:
     return (f"n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm} "
-            f"m{t.min_blocks_per_run}" + ("" if t.fused_reduction else " two-launch"))
+            f"m{t.min_blocks_per_run}"
+            + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction])
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
@@ -115,7 +116,7 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
 
     workspace = torch.zeros(batch * num_kv, dtype=torch.int32, device="cuda")
     runs = [(t, None) for t in configs] + [
-        (t, workspace) for t in configs if workspace_too and t.fused_reduction]
+        (t, workspace) for t in configs if workspace_too and t.fused_reduction is not False]
     rows = []
     for tiling, space in runs:
         got = call(0, tiling, space).float()

@@ -387,9 +387,10 @@ class Tiling:
     min_blocks_per_run: int = 1
     """Fewer runs where a run would get fewer tiles than this with every request at
     ``Lmax`` (a program's fixed cost dominates short runs)."""
-    fused_reduction: bool = True
-    """One launch: the last run of a request to finish merges its partials (an atomic
-    count per request and KV head). False: a second launch merges them all."""
+    fused_reduction: bool | None = None
+    """True: one launch, the last run of a request to finish merges its partials (an
+    atomic count per request and KV head). False: a second launch merges them all.
+    None: `merges_in_launch` decides from the run count and the batch."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -410,6 +411,21 @@ def default_tiling(head_dim: int) -> Tiling:
     if block_d <= 128:
         return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
     return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
+
+
+FUSED_RUNS_PER_REQUEST = 4
+"""The most runs per request (on average) for which the split launch merges too."""
+
+
+def merges_in_launch(tiling: Tiling, num_splits: int, batch: int) -> bool:
+    """Whether the split launch merges the partials itself. By default only when the runs
+    are at most `FUSED_RUNS_PER_REQUEST` a request: the merging program reads a
+    request's partials one after the other, so with many runs a request (batch 1 at
+    64 runs: 16.5 against 8.7 us on an H200) the parallel second launch is faster, and
+    with few it saves a launch (1-2% at batch 4-32, docs/benchmarks.md)."""
+    if tiling.fused_reduction is not None:
+        return tiling.fused_reduction
+    return num_splits <= FUSED_RUNS_PER_REQUEST * batch
 
 
 def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
@@ -495,7 +511,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     lse = torch.empty(splits + batch, num_heads, device=q.device, dtype=torch.float32)
     scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
     dummy = lens                        # stands for absent pointers (never read)
-    fused = tiling.fused_reduction
+    fused = merges_in_launch(tiling, splits, batch)
     # Arrivals per (request, KV head); the merging program sets its count back to 0.
     if workspace is not None:
         arrive = workspace

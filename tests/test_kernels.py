@@ -359,6 +359,21 @@ def test_both_reductions_overwrite_every_row_of_out_twice(merge: str) -> None:
             assert torch.equal(out[4], torch.zeros_like(out[4]))   # start past the length
 
 
+def test_the_split_launch_merges_only_with_few_runs_a_request() -> None:
+    from vattn.kernels import Tiling
+    from vattn.kernels.decode import FUSED_RUNS_PER_REQUEST, merges_in_launch
+
+    auto = Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=1)
+    assert merges_in_launch(auto, FUSED_RUNS_PER_REQUEST * 8, 8)
+    assert not merges_in_launch(auto, FUSED_RUNS_PER_REQUEST * 8 + 1, 8)
+    assert not merges_in_launch(auto, 66, 1)                     # case (a): batch 1
+    for fused in (True, False):
+        forced = Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=1,
+                        fused_reduction=fused)
+        assert merges_in_launch(forced, 66, 1) is fused
+        assert merges_in_launch(forced, 1, 64) is fused
+
+
 def test_tiling_is_validated_and_sets_the_run_count() -> None:
     from vattn.kernels import Tiling, num_splits_for
 

@@ -91,8 +91,12 @@ class Workload:
 
         cache, q, lens = self.cache, self.q, self.lens
         out: dict[str, list[Call]] = {}
+        # One workspace for every call, as a serving loop keeps one (no memset a call).
+        space = torch.zeros(q.shape[0] * cache.config.num_kv_heads, dtype=torch.int32,
+                            device=q.device)
+
         def ours(layer: int) -> torch.Tensor:
-            return decode_attention(q, *cache.kv(layer), lens)
+            return decode_attention(q, *cache.kv(layer), lens, workspace=space)
 
         def adapter(layer: int, backend: Backend) -> torch.Tensor:
             return flash_attention(q[:, None], *cache.kv(layer), lens, backend=backend).out
@@ -130,6 +134,8 @@ class Workload:
             table[row, :count] = order[first:first + count]
             first += count
         table = table.to(self.q.device)
+        space = torch.zeros(len(self.lengths) * self.cache.config.num_kv_heads,
+                            dtype=torch.int32, device=self.q.device)    # as `kernels` does
         calls: list[Call] = []
         for layer in range(layers):
             pair = []
@@ -142,7 +148,7 @@ class Workload:
                     blocks[table[row, :count].long()] = rows
                 pair.append(blocks)
             calls.append(functools.partial(paged_decode_attention, self.q, pair[0], pair[1],
-                                           table, self.lens))
+                                           table, self.lens, workspace=space))
         return calls
 
     def close(self) -> None:
