@@ -318,6 +318,7 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
     emit(common.header_line(header))
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
+    detail: dict[str, Any] = {}     # per iteration, for attributing the slow ones
     for key in args.cases.split(","):
         case = CASES[key]
         if args.iterations:
@@ -342,10 +343,13 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
                 rows.append(summarize(layout, case, mode, results[mode], base))
             emit(common.markdown_table(rows[done:]))    # shown as each part finishes
             raw[f"{key}-{layout}"] = {m: results[m]["iteration_s"] for m in modes}
+            detail[f"{key}-{layout}"] = {m: {"visible_s": results[m]["visible_s"],
+                                             "work": results[m]["work"]} for m in modes}
             if args.plot:
                 plot(f"{args.plot}-{key}-{layout}.png", raw[f"{key}-{layout}"],
                      f"{case.name}, {layout}, {args.layers} layers")
     emit("\n" + common.markdown_table(rows))
     if args.json:
-        common.write_json(args.json, {"environment": header, "rows": rows, "raw": raw})
+        common.write_json(args.json, {"environment": header, "rows": rows, "raw": raw,
+                                      "detail": detail})
     return 0
