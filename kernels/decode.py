@@ -278,17 +278,23 @@ def _segment(  # type: ignore[no-untyped-def]
                     o_s = tl.load(o_ptr + at * stride_op + heads[:, None] * stride_oh
                                   + offs_d[None, :], mask=gd_mask, other=0.0,
                                   cache_modifier=".cg")
-                    m_new = tl.maximum(m, lse_s)
-                    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-                    scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
-                    w = tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m_safe), 0.0)
-                    denom = denom * scale + w
-                    total = total * scale[:, None] + o_s * w[:, None]
-                    m = m_new
+                    m, denom, total = fold_partial(m, denom, total, lse_s, o_s)
                     other += 1
                 tl.store(out_ptrs, (total / tl.where(denom > 0, denom, 1.0)[:, None])
                          .to(out_ptr.dtype.element_ty), mask=gd_mask)
                 tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")   # ready for the next
+
+
+@triton.jit
+def fold_partial(m, denom, total, lse, o):  # type: ignore[no-untyped-def]
+    """Fold one partial per row (its output `o` ``[G, D]`` and log2-sum-exp `lse`
+    ``[G]``; -inf: empty) into the running max `m`, weight sum `denom` and weighted sum
+    `total`; the merged output is ``total / denom``."""
+    m_new = tl.maximum(m, lse)
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m_safe), 0.0)
+    return m_new, denom * scale + w, total * scale[:, None] + o * w[:, None]
 
 
 @triton.jit

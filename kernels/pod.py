@@ -43,6 +43,7 @@ from vattn.kernels.decode import (
     _attend_block,
     _interpreted,
     _sm_count,
+    fold_partial,
     require_runnable,
 )
 
@@ -266,13 +267,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
                 lse_s = tl.load(lse_ptr + other * BLOCK_G + offs_g, cache_modifier=".cg")
                 o_s = tl.load(part_ptr + (other * BLOCK_G + offs_g[:, None]) * BLOCK_D
                               + offs_d[None, :], cache_modifier=".cg")
-                m_new = tl.maximum(m, lse_s)
-                m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-                scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
-                w = tl.where(lse_s > float("-inf"), tl.exp2(lse_s - m_safe), 0.0)
-                denom = denom * scale + w
-                total = total * scale[:, None] + o_s * w[:, None]
-                m = m_new
+                m, denom, total = fold_partial(m, denom, total, lse_s, o_s)
                 s += 1
             out = total / tl.where(denom > 0, denom, 1.0)[:, None]
             tl.store(od_ptr + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
