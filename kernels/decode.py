@@ -519,11 +519,12 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     dummy = lens                        # stands for absent pointers (never read)
     fused = merges_in_launch(tiling, splits, batch)
     # Arrivals per (request, KV head); the merging program sets its count back to 0.
-    if workspace is not None:
+    if not fused:
+        arrive = dummy                  # never read
+    elif workspace is not None:
         arrive = workspace
     else:
-        arrive = torch.zeros(batch * num_kv_heads if fused else 1, device=q.device,
-                             dtype=torch.int32)
+        arrive = torch.zeros(batch * num_kv_heads, device=q.device, dtype=torch.int32)
     shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
                   INTERPRETED=_interpreted(), BLOCK_B=max(2, triton.next_power_of_2(batch)),
                   BLOCK_N=tiling.block_n, BLOCK_D=block_d)
