@@ -168,6 +168,8 @@ def test_tiling_is_validated() -> None:
         PodTiling(decode_block_n=64, split=96)
     with pytest.raises(ValueError, match="block_m"):
         PodTiling(block_m=48)
+    with pytest.raises(ValueError, match="decode_sms must be in"):
+        PodTiling(decode_sms=1.5)
 
 
 @pytest.mark.gpu
