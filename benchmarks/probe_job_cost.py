@@ -1,0 +1,162 @@
+"""What does one mapper-thread job cost the decode loop it overlaps, and why?
+
+The overlap loop of `vattn bench overlap` runs on a cache whose pages are all mapped
+up front. Every other iteration, just before its forward is enqueued (where
+`step_async` submits its job), a synthetic job goes to a `BackgroundWorker` and is
+joined before the next iteration. The kinds take turns, so a drift of the host hits
+all alike:
+
+- ``none``: no job (the baseline); ``wake``: an empty job (thread wake-up alone);
+- ``sleep``: a job that sleeps 2 ms (wake-up, then nothing that needs the GIL);
+- ``spin``: a job that runs Python for 1 ms (holding the GIL between switches);
+- ``map-N`` / ``unmap-N``: N pages mapped with set-access (unmapped, the next time),
+  made one call at a time from Python (``py``) or in one call through the C helper
+  (``c``); ``noaccess`` maps without set-access.
+
+It prints, per kind, the median iteration time and its difference from ``none``, and
+the median time the job took on the mapper thread.
+
+    python3 benchmarks/probe_job_cost.py --case a --layout per_layer --iterations 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vattn.bench import common
+from vattn.bench.overlap import CASES, HKV, D, DecodeLoop, prepare
+from vattn.cache import VirtualKVCache
+from vattn.config import resolve_device
+from vattn.driver.base import map_runs_each, unmap_pages_each
+from vattn.mapper import BackgroundWorker
+
+PAGE = 2 << 20
+
+
+def jobs(vm: Any, base: int, sizes: list[int], handles: list[int]
+         ) -> dict[str, Callable[[], None]]:
+    """The synthetic jobs by name; map and unmap kinds alternate per size and path."""
+    out: dict[str, Callable[[], None]] = {
+        "wake": lambda: None,
+        "sleep": lambda: time.sleep(2e-3),
+        "spin": lambda: _spin(1e-3),
+    }
+    for n in sizes:
+        addresses = [base + j * PAGE for j in range(n)]
+        starts, counts = [base + j * PAGE for j in range(n)], [1] * n
+
+        def map_py(n: int = n, starts: list[int] = starts, counts: list[int] = counts
+                   ) -> None:
+            map_runs_each(vm, PAGE, starts, counts, handles[:n])
+
+        def unmap_py(n: int = n, addresses: list[int] = addresses) -> None:
+            unmap_pages_each(vm, PAGE, addresses, handles[:n])
+
+        def map_noaccess(n: int = n, addresses: list[int] = addresses) -> None:
+            for address, handle in zip(addresses, handles[:n], strict=True):
+                vm.map(address, PAGE, handle)
+
+        out[f"map-py-{n}"], out[f"unmap-py-{n}"] = map_py, unmap_py
+        out[f"map-noaccess-{n}"], out[f"unmap-noaccess-{n}"] = map_noaccess, unmap_py
+        if getattr(vm, "_batch", None) is not None:
+            out[f"map-c-{n}"] = functools.partial(vm.map_runs, PAGE, starts, counts,
+                                                  handles[:n])
+            out[f"unmap-c-{n}"] = functools.partial(vm.unmap_pages, PAGE, addresses,
+                                                    handles[:n])
+    return out
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--case", default="a", choices=sorted(CASES))
+    parser.add_argument("--layout", default="per_layer")
+    parser.add_argument("--iterations", type=int, default=4000)
+    parser.add_argument("--sizes", default="8,64")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    case = CASES[args.case]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with VirtualKVCache(num_layers=32, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16,
+                        max_batch_size=case.batch, max_context_len=case.context,
+                        device=device, layout=args.layout,  # type: ignore[arg-type]
+                        lookahead_tokens=0) as cache:
+        case_run = type(case)(case.name, case.batch, case.start, args.iterations,
+                              case.context)
+        prepare(cache, case_run, premapped=True, precreate_bytes=-1)
+        vm = cache._res.vm
+        base = vm.reserve(max(sizes) * PAGE, PAGE)
+        handles = [vm.create(PAGE) for _ in range(max(sizes))]
+        kinds = jobs(vm, base, sizes, handles)
+        # A map kind is always followed, at its next turn, by its unmap kind.
+        schedule = ["none", "wake", "sleep", "spin"]
+        for name in kinds:
+            if name.startswith("map-"):
+                schedule += [name, "un" + name]
+        worker = BackgroundWorker("probe-mapper")
+        loop = DecodeLoop(cache, case_run, device)
+        for _ in range(3):
+            loop.forward()
+            loop.lens -= 1
+        torch.cuda.synchronize()
+        times: dict[str, list[float]] = {k: [] for k in schedule}
+        job_s: dict[str, list[float]] = {k: [] for k in schedule}
+        turn = 0
+        with common.frozen_gc():
+            for i in range(args.iterations):
+                start = time.perf_counter()
+                kind = "none"
+                if i % 2 == 0:
+                    kind = schedule[turn % len(schedule)]
+                    turn += 1
+                    if kind != "none":
+                        job = kinds[kind]
+
+                        def timed(job: Callable[[], None] = job, kind: str = kind) -> None:
+                            t0 = time.perf_counter()
+                            job()
+                            job_s[kind].append(time.perf_counter() - t0)
+
+                        worker.submit(timed)
+                loop.forward()
+                torch.cuda.synchronize()
+                worker.join()
+                times[kind].append(time.perf_counter() - start)
+        worker.stop()
+        if schedule[(turn - 1) % len(schedule)].startswith("map-"):
+            kinds["un" + schedule[(turn - 1) % len(schedule)]]()  # left mapped: undo
+        vm.free(base, max(sizes) * PAGE)
+        for handle in handles:
+            vm.release(handle)
+    base_p50 = common.median(times["none"])
+    print(f"case {case.name}, {args.layout}, {args.iterations} iterations, "
+          f"{torch.cuda.get_device_name(device)}")
+    print("| job | n | iteration p50 ms | vs none us | p90 ms | job p50 ms |")
+    print("|---|---|---|---|---|---|")
+    for kind in schedule:
+        t = times[kind]
+        if not t:
+            continue
+        p50 = common.median(t)
+        job = f"{common.median(job_s[kind]) * 1e3:.3f}" if job_s[kind] else "-"
+        print(f"| {kind} | {len(t)} | {p50 * 1e3:.3f} | {(p50 - base_p50) * 1e6:+.0f} | "
+              f"{common.percentile(t, 90) * 1e3:.3f} | {job} |")
+    if args.json:
+        common.write_json(args.json, {"times": times, "job_s": job_s})
+
+
+if __name__ == "__main__":
+    main()
