@@ -11,7 +11,10 @@ all alike:
 - ``spin``: a job that runs Python for 1 ms (holding the GIL between switches);
 - ``map-N`` / ``unmap-N``: N pages mapped with set-access (unmapped, the next time),
   made one call at a time from Python (``py``) or in one call through the C helper
-  (``c``); ``noaccess`` maps without set-access.
+  (``c``); ``noaccess`` maps without set-access;
+- ``map-slot-N``: the pages of the next page row of a slot, in the cache's own
+  reservation (a slot no request uses), and ``map-spread-N`` the same pattern in a
+  reservation of its own.
 
 It prints, per kind, the median iteration time and its difference from ``none``, and
 the median time the job took on the mapper thread.
@@ -39,9 +42,10 @@ from vattn.mapper import BackgroundWorker
 PAGE = 2 << 20
 
 
-def jobs(vm: Any, base: int, sizes: list[int], handles: list[int]
-         ) -> dict[str, Callable[[], None]]:
-    """The synthetic jobs by name; map and unmap kinds alternate per size and path."""
+def jobs(vm: Any, base: int, sizes: list[int], handles: list[int], spread: list[int],
+         in_cache: list[int]) -> dict[str, Callable[[], None]]:
+    """The synthetic jobs by name; map and unmap kinds alternate per size and path.
+    `spread` and `in_cache` are the page addresses of the ``spread`` and ``slot`` kinds."""
     out: dict[str, Callable[[], None]] = {
         "wake": lambda: None,
         "sleep": lambda: time.sleep(2e-3),
@@ -69,6 +73,16 @@ def jobs(vm: Any, base: int, sizes: list[int], handles: list[int]
                                                   handles[:n])
             out[f"unmap-c-{n}"] = functools.partial(vm.unmap_pages, PAGE, addresses,
                                                     handles[:n])
+    for name, addresses in (("spread", spread), ("slot", in_cache)):
+        n = len(addresses)
+
+        def map_at(addresses: list[int] = addresses, n: int = n) -> None:
+            map_runs_each(vm, PAGE, addresses, [1] * n, handles[:n])
+
+        def unmap_at(addresses: list[int] = addresses, n: int = n) -> None:
+            unmap_pages_each(vm, PAGE, addresses, handles[:n])
+
+        out[f"map-{name}-{n}"], out[f"unmap-{name}-{n}"] = map_at, unmap_at
     return out
 
 
@@ -91,7 +105,7 @@ def main() -> None:
     case = CASES[args.case]
     sizes = [int(s) for s in args.sizes.split(",")]
     with VirtualKVCache(num_layers=32, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16,
-                        max_batch_size=case.batch, max_context_len=case.context,
+                        max_batch_size=case.batch + 1, max_context_len=case.context,
                         device=device, layout=args.layout,  # type: ignore[arg-type]
                         lookahead_tokens=0) as cache:
         case_run = type(case)(case.name, case.batch, case.start, args.iterations,
@@ -99,8 +113,19 @@ def main() -> None:
         prepare(cache, case_run, premapped=True, precreate_bytes=-1)
         vm = cache._res.vm
         base = vm.reserve(max(sizes) * PAGE, PAGE)
-        handles = [vm.create(PAGE) for _ in range(max(sizes))]
-        kinds = jobs(vm, base, sizes, handles)
+        lay = cache.layout
+        # The pages the next page row of a slot would take, in the cache's reservation
+        # (slot `batch` is never allocated), and the same pattern in a reservation of
+        # its own: one page a tensor, a tensor apart.
+        count = max(sizes)
+        per_tensor = max(1, count // lay.num_tensors)
+        in_cache = [cache._res.mapper.base_address + lay.page_offset(t, case.batch, j)
+                    for t in range(lay.num_tensors) for j in range(per_tensor)][:count]
+        spread_bytes = in_cache[-1] - in_cache[0] + PAGE
+        spread_base = vm.reserve(spread_bytes, PAGE)
+        spread = [spread_base + (a - in_cache[0]) for a in in_cache]
+        handles = [vm.create(PAGE) for _ in range(max(count, len(in_cache)))]
+        kinds = jobs(vm, base, sizes, handles, spread, in_cache)
         # A map kind is always followed, at its next turn, by its unmap kind.
         schedule = ["none", "wake", "sleep", "spin"]
         for name in kinds:
@@ -139,6 +164,7 @@ def main() -> None:
         if schedule[(turn - 1) % len(schedule)].startswith("map-"):
             kinds["un" + schedule[(turn - 1) % len(schedule)]]()  # left mapped: undo
         vm.free(base, max(sizes) * PAGE)
+        vm.free(spread_base, spread_bytes)
         for handle in handles:
             vm.release(handle)
     base_p50 = common.median(times["none"])
