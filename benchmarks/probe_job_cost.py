@@ -9,9 +9,9 @@ all alike:
 - ``none``: no job (the baseline); ``wake``: an empty job (thread wake-up alone);
 - ``sleep``: a job that sleeps 2 ms (wake-up, then nothing that needs the GIL);
 - ``spin``: a job that runs Python for 1 ms (holding the GIL between switches);
-- ``map-N`` / ``unmap-N``: N pages mapped with set-access (unmapped, the next time),
-  made one call at a time from Python (``py``) or in one call through the C helper
-  (``c``); ``noaccess`` maps without set-access;
+- ``map-py-N`` / ``unmap-py-N``: N pages mapped with set-access (unmapped, the next
+  time), one driver call at a time as the mapper makes them; ``noaccess`` maps without
+  set-access;
 - ``map-slot-N``: the pages of the next page row of a slot, in the cache's own
   reservation (a slot no request uses), and ``map-spread-N`` the same pattern in a
   reservation of its own.
@@ -25,7 +25,6 @@ the median time the job took on the mapper thread.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,10 +35,25 @@ from vattn.bench import common
 from vattn.bench.overlap import CASES, HKV, D, DecodeLoop, prepare
 from vattn.cache import VirtualKVCache
 from vattn.config import resolve_device
-from vattn.driver.base import map_runs_each, unmap_pages_each
 from vattn.mapper import BackgroundWorker
 
 PAGE = 2 << 20
+
+
+def map_runs_each(vm: Any, page: int, starts: list[int], counts: list[int],
+                  handles: list[int]) -> None:
+    """The calls `Mapper.map_runs` makes: a map per page, a set-access per run."""
+    position = 0
+    for start, count in zip(starts, counts, strict=True):
+        for j in range(count):
+            vm.map(start + j * page, page, handles[position + j])
+        position += count
+        vm.set_access(start, count * page)
+
+
+def unmap_pages_each(vm: Any, page: int, addresses: list[int], handles: list[int]) -> None:
+    for address in addresses:
+        vm.unmap(address, page)
 
 
 def jobs(vm: Any, base: int, sizes: list[int], handles: list[int], spread: list[int],
@@ -68,11 +82,6 @@ def jobs(vm: Any, base: int, sizes: list[int], handles: list[int], spread: list[
 
         out[f"map-py-{n}"], out[f"unmap-py-{n}"] = map_py, unmap_py
         out[f"map-noaccess-{n}"], out[f"unmap-noaccess-{n}"] = map_noaccess, unmap_py
-        if getattr(vm, "_batch", None) is not None:
-            out[f"map-c-{n}"] = functools.partial(vm.map_runs, PAGE, starts, counts,
-                                                  handles[:n])
-            out[f"unmap-c-{n}"] = functools.partial(vm.unmap_pages, PAGE, addresses,
-                                                    handles[:n])
     for name, addresses in (("spread", spread), ("slot", in_cache)):
         n = len(addresses)
 

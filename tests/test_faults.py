@@ -6,9 +6,6 @@ fails the chosen call, counts the handles it created and released, tracks what i
 mapped where, and records calls that break the `VirtualMemory` protocol (mapping over a
 mapping, releasing a mapped handle, freeing a reservation with pages still mapped in it).
 
-Every script runs twice: with the mapper's batches made of single calls, and through the
-C helper of `vattn.driver.native`, whose driver entry points call back into the wrapper.
-
 A fixed script (construct, allocate, grow, free, reclaim from idle slots, trim with and
 without release, close) runs with the fault placed on every call index in a range. Where
 the fault surfaces as a `DriverError`, right after it: the invariants hold
@@ -23,7 +20,7 @@ import contextlib
 import functools
 import itertools
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -32,7 +29,6 @@ import torch
 
 import vattn
 from tests.conftest import PAGE, check_invariants, host_mapped_bytes, small_cache
-from tests.native_calls import CallbackBatch
 from vattn import DriverError, VattnError, VirtualKVCache
 from vattn.driver.host import HostVirtualMemory
 from vattn.layout import LAYOUTS, Layout
@@ -173,33 +169,6 @@ class FaultyVM:
     def close(self) -> None:
         self.closed = True
         self.inner.close()
-
-
-class BatchedFaultyVM(FaultyVM):
-    """`FaultyVM` with the batched calls of the C helper (`vattn.driver.native`), whose
-    driver entry points call back into this object's single calls: the fault points are
-    the same, the loops and their undo run in C."""
-
-    def __init__(self, op: str | None = None, nth: int = 0) -> None:
-        super().__init__(op, nth)
-        self.batch = CallbackBatch(self)
-
-    def map_runs(self, page_bytes: int, starts: Sequence[int], counts: Sequence[int],
-                 handles: Sequence[int]) -> None:
-        self.batch.map_runs(page_bytes, starts, counts, handles)
-
-    def unmap_pages(self, page_bytes: int, addresses: Sequence[int],
-                    handles: Sequence[int]) -> None:
-        self.batch.unmap_pages(page_bytes, addresses, handles)
-
-
-CALLS = {"single": FaultyVM, "batched": BatchedFaultyVM}
-"""How the mapper reaches the backend: a Python call each, or the C helper's batches."""
-
-
-def check_callbacks(vm: FaultyVM) -> None:
-    if isinstance(vm, BatchedFaultyVM):
-        assert vm.batch.unexpected == [] and vm.batch.bad_descriptors == 0
 
 
 def install(monkeypatch: pytest.MonkeyPatch, vm: FaultyVM) -> None:
@@ -402,27 +371,20 @@ def fault_points() -> list[object]:
 # -- tests ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("calls", CALLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_script_without_faults(monkeypatch: pytest.MonkeyPatch, layout: str,
-                               calls: str) -> None:
-    vm = CALLS[calls]()
-    run = run_script(monkeypatch, vm, layout)
+def test_script_without_faults(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    vm = FaultyVM()
+    run_script(monkeypatch, vm, layout)
     assert vm.leaked_handles == 0 and not vm.live
     assert not vm.mapped and not vm.reservations and vm.closed
     assert vm.violations == []
-    check_callbacks(vm)
-    # The batches make the same driver calls, in the same order, as the single calls.
-    assert (run.trace, tuple(vm.log)) == baseline(layout)
 
 
-@pytest.mark.parametrize("calls", CALLS)
 @pytest.mark.parametrize(("layout", "op", "nth"), fault_points())
 def test_fault_is_undone_and_retry_succeeds(monkeypatch: pytest.MonkeyPatch, layout: str,
-                                            op: str, nth: int, calls: str) -> None:
-    vm = CALLS[calls](op, nth)
+                                            op: str, nth: int) -> None:
+    vm = FaultyVM(op, nth)
     run = run_script(monkeypatch, vm, layout)
-    check_callbacks(vm)
     assert vm.fired_in is not None, "the fault never fired"
     assert run.faults == [vm.fired_in], "the fault did not surface as a DriverError"
     if vm.fired_in != "close":

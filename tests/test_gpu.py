@@ -9,7 +9,6 @@ import torch
 
 import vattn
 from tests.conftest import check_invariants
-from vattn.views import byte_view
 
 pytestmark = pytest.mark.gpu
 MiB = 1 << 20
@@ -188,46 +187,3 @@ def test_interpreter_exit_releases_a_cuda_cache_never_closed() -> None:
                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert "Error" not in out.stderr, out.stderr
-
-
-def test_batched_driver_calls_are_native_and_all_or_nothing() -> None:
-    """The mapper's batches go through the C helper on a GPU machine (it has a C
-    compiler: Triton needs one). A batch that fails part way leaves nothing of itself."""
-    page = 2 * MiB
-    with llama_cache() as cache:
-        vm = cache._res.vm
-        assert vm.describe()["batched driver calls"].startswith("native"), vm.describe()
-        base = vm.reserve(8 * page, page)
-        handles = [vm.create(page) for _ in range(4)]
-        mapped: list[int] = []
-        try:
-            vm.map(base + 2 * page, page, handles[3])  # in the way of the next batch
-            mapped.append(base + 2 * page)
-            with pytest.raises(vattn.DriverError) as info:
-                vm.map_runs(page, [base], [3], handles[:3])
-            assert info.value.call == "cuMemMap"
-            # The two pages it had mapped were unmapped again: they map once more.
-            vm.map_runs(page, [base, base + 4 * page], [2, 1], handles[:3])
-            mapped += [base, base + page, base + 4 * page]
-            view = byte_view(base, 5 * page, torch.device("cuda"))
-            values = torch.randint(0, 256, (2 * page,), dtype=torch.uint8, device="cuda")
-            view[:2 * page] = values  # accessible once mapped
-            assert torch.equal(view[:2 * page], values)
-            # cuMemUnmap of a reserved range with nothing mapped succeeds; of an address
-            # that is not page-aligned it fails.
-            with pytest.raises(vattn.DriverError) as info:
-                vm.unmap_pages(page, [base, base + page, base + 3 * page + 4096],
-                               handles[:2] + [handles[3]])
-            assert info.value.call == "cuMemUnmap"
-            # The two pages it had unmapped were mapped back, data and access intact.
-            assert torch.equal(view[:2 * page], values)
-            vm.unmap_pages(page, mapped, [handles[3], *handles[:3]])
-            mapped.clear()
-        finally:
-            torch.cuda.synchronize()
-            for address in mapped:
-                vm.unmap(address, page)
-            for handle in handles:
-                vm.release(handle)
-            vm.free(base, 8 * page)
-

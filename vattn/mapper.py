@@ -2,14 +2,13 @@
 that keep an unmap behind every kernel that may still read the page.
 
 A run of `n` pages of one slot is mapped in each tensor with `n` map calls and one
-set-access call over the whole run (the run is contiguous in that tensor); a backend
-that batches (`BatchedVirtualMemory`) makes a job's calls in one trip. A failure part
-way undoes what the call had done, so the caller sees all or nothing.
+set-access call over the whole run (the run is contiguous in that tensor). A failure
+part way undoes what the call had done, so the caller sees all or nothing.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import queue
 import threading
 import time
@@ -18,13 +17,11 @@ from typing import Protocol
 
 import torch
 
-from vattn.driver.base import (
-    BatchedVirtualMemory,
-    VirtualMemory,
-    map_runs_each,
-    unmap_pages_each,
-)
+from vattn.driver.base import VirtualMemory
+from vattn.errors import DriverError
 from vattn.layout import Layout
+
+logger = logging.getLogger(__name__)
 
 Run = tuple[int, int, Sequence[Sequence[int]]]
 """(slot, first_page, rows): rows[j] holds one handle per tensor for page first_page + j."""
@@ -89,12 +86,6 @@ class Mapper:
                              for t in range(layout.num_tensors)]
         self._slot_stride = layout.slot_stride_bytes
         self._page = layout.page_size_bytes
-        # One call a job where the backend batches (the GIL changes hands once).
-        if isinstance(vm, BatchedVirtualMemory):
-            self._map_runs, self._unmap_pages = vm.map_runs, vm.unmap_pages
-        else:
-            self._map_runs = functools.partial(map_runs_each, vm)
-            self._unmap_pages = functools.partial(unmap_pages_each, vm)
 
     def map_runs(self, runs: Sequence[Run]) -> None:
         """Map ``rows[j][t]`` at page ``first_page + j`` of `slot` in tensor `t`, for each
@@ -103,23 +94,38 @@ class Mapper:
         Tensor by tensor, so addresses ascend (the driver maps faster in that order).
         All or nothing: on a failure every page this call mapped is unmapped again.
         """
-        page, stride = self._page, self._slot_stride
-        starts: list[int] = []
-        counts: list[int] = []
-        handles: list[int] = []
-        for tensor, tensor_base in enumerate(self._tensor_base):
-            for slot, first_page, rows in runs:
-                starts.append(tensor_base + slot * stride + first_page * page)
-                counts.append(len(rows))
-                handles.extend(row[tensor] for row in rows)
-        self._map_runs(page, starts, counts, handles)
+        page, stride, vm = self._page, self._slot_stride, self.vm
+        done: list[int] = []  # addresses mapped so far
+        try:
+            for tensor, tensor_base in enumerate(self._tensor_base):
+                for slot, first_page, rows in runs:
+                    start = tensor_base + slot * stride + first_page * page
+                    address = start
+                    for row in rows:
+                        vm.map(address, page, row[tensor])
+                        done.append(address)
+                        address += page
+                    vm.set_access(start, len(rows) * page)
+        except BaseException:
+            for address in done:
+                _quietly(self.vm.unmap, address, page)
+            raise
 
     def unmap_runs(self, runs: Sequence[Run]) -> None:
         """Unmap what `map_runs(runs)` mapped; all or nothing: on a failure the pages this
         call unmapped are mapped back."""
-        pages = list(self.pages(runs))
-        self._unmap_pages(self._page, [address for address, _ in pages],
-                          [handle for _, handle in pages])
+        page = self.layout.page_size_bytes
+        done: list[tuple[int, int]] = []  # (address, handle) unmapped so far
+        try:
+            for address, handle in self.pages(runs):
+                self.vm.unmap(address, page)
+                done.append((address, handle))
+        except BaseException:
+            for address, handle in done:
+                _quietly(self.vm.map, address, page, handle)
+                _quietly(self.vm.set_access, address, page)
+            raise
+
 
     def pages(self, runs: Sequence[Run]) -> Iterator[tuple[int, int]]:
         """(address, handle) of every page of `runs`, tensor by tensor."""
@@ -129,6 +135,14 @@ class Mapper:
                 start = tensor_base + slot * stride + first_page * page
                 for j, row in enumerate(rows):
                     yield start + j * page, row[tensor]
+
+
+def _quietly(call: Callable[..., None], *args: int) -> None:
+    """Undo work after a failure; a second failure must not hide the first."""
+    try:
+        call(*args)
+    except DriverError as exc:
+        logger.error("undo after a driver failure failed too: %s", exc)
 
 
 class BackgroundWorker:

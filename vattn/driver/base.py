@@ -1,15 +1,8 @@
-"""The protocol every virtual-memory backend implements, the optional batched calls a
-backend may add, and the plain loops that stand in for them."""
+"""The one protocol every virtual-memory backend implements."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
-
-from vattn.errors import DriverError
-
-logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -73,62 +66,3 @@ class VirtualMemory(Protocol):
     def close(self) -> None:
         """Drop what the backend itself holds (context, file descriptors)."""
         ...
-
-
-@runtime_checkable
-class BatchedVirtualMemory(VirtualMemory, Protocol):
-    """A backend that maps and unmaps many pages in one call (same results as the loops
-    `map_runs_each` and `unmap_pages_each`, fewer trips through Python)."""
-
-    def map_runs(self, page_bytes: int, starts: Sequence[int], counts: Sequence[int],
-                 handles: Sequence[int]) -> None:
-        """Map `handles` in order: run ``r`` is ``counts[r]`` contiguous pages from
-        ``starts[r]`` on, made accessible as a whole once mapped. All or nothing."""
-        ...
-
-    def unmap_pages(self, page_bytes: int, addresses: Sequence[int],
-                    handles: Sequence[int]) -> None:
-        """Unmap the page at each address; a failure maps back (``handles[k]`` at
-        ``addresses[k]``) what the call had unmapped."""
-        ...
-
-
-def map_runs_each(vm: VirtualMemory, page_bytes: int, starts: Sequence[int],
-                  counts: Sequence[int], handles: Sequence[int]) -> None:
-    """`BatchedVirtualMemory.map_runs` made of single calls."""
-    done: list[int] = []  # addresses mapped so far
-    position = 0
-    try:
-        for start, count in zip(starts, counts, strict=True):
-            for j in range(count):
-                vm.map(start + j * page_bytes, page_bytes, handles[position + j])
-                done.append(start + j * page_bytes)
-            position += count
-            vm.set_access(start, count * page_bytes)
-    except BaseException:
-        for address in done:
-            quietly(vm.unmap, address, page_bytes)
-        raise
-
-
-def unmap_pages_each(vm: VirtualMemory, page_bytes: int, addresses: Sequence[int],
-                     handles: Sequence[int]) -> None:
-    """`BatchedVirtualMemory.unmap_pages` made of single calls."""
-    done = 0
-    try:
-        for address in addresses:
-            vm.unmap(address, page_bytes)
-            done += 1
-    except BaseException:
-        for address, handle in zip(addresses[:done], handles[:done], strict=True):
-            quietly(vm.map, address, page_bytes, handle)
-            quietly(vm.set_access, address, page_bytes)
-        raise
-
-
-def quietly(call: Callable[..., None], *args: int) -> None:
-    """Undo work after a failure; a second failure must not hide the first."""
-    try:
-        call(*args)
-    except DriverError as exc:
-        logger.error("undo after a driver failure failed too: %s", exc)

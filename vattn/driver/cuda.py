@@ -2,22 +2,17 @@
 
 Every call runs with the device's primary context current (the one torch uses), set
 once per thread; the bindings release the GIL inside driver calls (cuda-bindings >=
-12.9.1). The mapper's batches (`map_runs`, `unmap_pages`) go through the C helper of
-`vattn.driver.native` where it could be built, one foreign call a batch. A result
-other than ``CUDA_SUCCESS`` raises `DriverError(call, code_name)`, and
-``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
+12.9.1). A result other than ``CUDA_SUCCESS`` raises `DriverError(call, code_name)`,
+and ``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 from cuda.bindings import driver as cu
 
-from vattn.driver import native
-from vattn.driver.base import map_runs_each, unmap_pages_each
 from vattn.errors import DriverError, OutOfPages
 
 
@@ -57,7 +52,6 @@ class CudaVirtualMemory:
                                       cu.cuMemGetAllocationGranularity(
                                           self._prop, cu.CUmemAllocationGranularity_flags
                                           .CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
-        self._batch, self.batch_status = _batched_calls(ordinal)
 
     def describe(self) -> dict[str, str]:
         self._enter()
@@ -66,8 +60,7 @@ class CudaVirtualMemory:
         api = f"CUDA driver API {version // 1000}.{version % 1000 // 10}"
         kernel = _kernel_driver_version()
         return {"backend": "cuda", "device": name.split(b"\0", 1)[0].decode(),
-                "driver": f"{kernel} ({api})" if kernel else api,
-                "batched driver calls": self.batch_status}
+                "driver": f"{kernel} ({api})" if kernel else api}
 
     def memory_info(self) -> tuple[int, int]:
         self._enter()
@@ -107,24 +100,6 @@ class CudaVirtualMemory:
         self._enter()
         _check("cuMemUnmap", cu.cuMemUnmap(address, size_bytes))
 
-    def map_runs(self, page_bytes: int, starts: Sequence[int], counts: Sequence[int],
-                 handles: Sequence[int]) -> None:
-        """`BatchedVirtualMemory.map_runs`: one call into the C helper where it loaded."""
-        self._enter()
-        if self._batch is None:
-            map_runs_each(self, page_bytes, starts, counts, handles)
-        else:
-            self._batch.map_runs(page_bytes, starts, counts, handles)
-
-    def unmap_pages(self, page_bytes: int, addresses: Sequence[int],
-                    handles: Sequence[int]) -> None:
-        """`BatchedVirtualMemory.unmap_pages`: one call into the C helper where it loaded."""
-        self._enter()
-        if self._batch is None:
-            unmap_pages_each(self, page_bytes, addresses, handles)
-        else:
-            self._batch.unmap_pages(page_bytes, addresses, handles)
-
     def synchronize(self) -> None:
         self._enter()
         _check("cuCtxSynchronize", cu.cuCtxSynchronize())
@@ -143,35 +118,6 @@ class CudaVirtualMemory:
             return
         _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
         self._local.context_set = True
-
-
-def _batched_calls(ordinal: int) -> tuple[native.BatchedCalls | None, str]:
-    """The C helper bound to this driver's map, set-access and unmap entry points (the
-    ones the bindings call), or None and the reason."""
-    library = native.load()
-    if library.dll is None:
-        return None, library.status
-    version = int(_check("cuDriverGetVersion", cu.cuDriverGetVersion()))
-    entry_points = []
-    for symbol in ("cuMemMap", "cuMemSetAccess", "cuMemUnmap"):
-        err, address, _ = cu.cuGetProcAddress(
-            symbol.encode(), version, cu.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
-        if err != cu.CUresult.CUDA_SUCCESS or not address:
-            return None, f"python ({symbol} not found: {getattr(err, 'name', err)})"
-        entry_points.append(int(address))
-    desc = native.AccessDesc(int(cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE), ordinal,
-                       int(cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE))
-    batch = native.BatchedCalls(library.dll, (entry_points[0], entry_points[1],
-                                              entry_points[2]), desc,
-                                ("cuMemMap", "cuMemSetAccess", "cuMemUnmap"), _code_name)
-    return batch, library.status
-
-
-def _code_name(code: int) -> str:
-    try:
-        return cu.CUresult(code).name
-    except ValueError:
-        return f"CUresult {code}"
 
 
 def _kernel_driver_version() -> str | None:
