@@ -64,6 +64,9 @@ def check_invariants(cache: VirtualKVCache) -> None:
     for slot, rows in enumerate(res.rows):
         assert len(rows) == cache._policy.slots[slot].num_pages
         assert all(len(row) == cache.layout.num_tensors for row in rows)
+    # The fast path's per-slot fits, updated slot by slot, equal a full recompute.
+    index = cache._index
+    assert index.fits == [index.fit(state) for state in cache._policy.slots]
     handles = [h for rows in res.rows for row in rows for h in row]
     handles += [h for p in res.pending for row in p.rows for h in row]
     handles += res.pool._free

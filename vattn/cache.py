@@ -331,7 +331,8 @@ class VirtualKVCache:
         self._targets.update(targets)
         if not plan.empty:
             self._policy.apply(plan)
-            self._index.refresh(self._policy.slots)
+            self._index.refresh(self._policy.slots,
+                                {run.slot for run in (*plan.grow, *plan.reclaim)})
         return plan
 
     def _plan(self, need: dict[int, int], ahead: dict[int, int]) -> MapPlan:
