@@ -130,9 +130,9 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
-    FUSED: tl.constexpr, INTERPRETED: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FUSED: tl.constexpr, FLAT: tl.constexpr, INTERPRETED: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
@@ -145,7 +145,15 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     # The rows holding blocks lo and hi - 1: the rows that end at or before it, counted.
     first_row = tl.sum((through <= lo).to(tl.int32), 0)
     last_row = tl.sum((through <= hi - 1).to(tl.int32), 0)
-    if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
+    if FLAT:
+        _flat_run(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr,
+                  arrive_ptr, start, end, through, run, rows, first_row, last_row, piece,
+                  kv_head, lo, hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl,
+                  stride_kh, stride_vb, stride_vl, stride_vh, stride_op, stride_oh,
+                  stride_lp, stride_outb, stride_outh, qk_scale, num_slots, GROUP,
+                  HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION,
+                  BLOCK_G, BLOCK_N, BLOCK_D)
+    elif INTERPRETED:   # the interpreter cannot take loaded values as range() bounds
         row = first_row
         while row <= last_row:
             _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr,
@@ -181,6 +189,181 @@ def _split_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _row_bounds(start, end, through, rows, row, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A row's first token, end, and the global indexes of its first block and of the
+    block after its last."""
+    row_start = _pick(start, rows, row)
+    row_end = _pick(end, rows, row)
+    row_through = _pick(through, rows, row)
+    row_first = row_through - tl.cdiv(tl.maximum(row_end - row_start, 0), BLOCK_N)
+    return row_start, row_end, row_first, row_through
+
+
+@triton.jit
+def _row_slot(slots_ptr, row, num_slots, KV_BLOCK: tl.constexpr,  # type: ignore[no-untyped-def]
+              HAS_SLOTS: tl.constexpr):
+    """The slot a row reads (0 for the paged twin, whose table holds the blocks)."""
+    if KV_BLOCK > 0:
+        slot = 0
+    elif HAS_SLOTS:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)
+    else:
+        slot = row.to(tl.int64)
+    return slot
+
+
+@triton.jit
+def _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, heads,  # type: ignore[no-untyped-def]
+            offs_d, g_mask, gd_mask, first_piece, last_piece, stride_op, stride_oh,
+            stride_lp, stride_outb, stride_outh, BLOCK_G: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """Count this run's arrival at `row` (its partial is stored); the last of the row's
+    runs to arrive merges the partials into the output and resets the count."""
+    tl.debug_barrier()
+    count = arrive_ptr + row * tl.num_programs(1) + kv_head
+    arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+    if arrived == last_piece - first_piece:
+        tl.debug_barrier()
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_G], tl.float32)
+        total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        other = first_piece
+        while other <= last_piece:
+            at = other + row
+            lse_s = tl.load(lse_ptr + at * stride_lp + heads, mask=g_mask,
+                            other=float("-inf"), cache_modifier=".cg")
+            o_s = tl.load(o_ptr + at * stride_op + heads[:, None] * stride_oh
+                          + offs_d[None, :], mask=gd_mask, other=0.0, cache_modifier=".cg")
+            m, denom, total = fold_partial(m, denom, total, lse_s, o_s)
+            other += 1
+        tl.store(out_ptr + row * stride_outb + heads[:, None] * stride_outh
+                 + offs_d[None, :], (total / tl.where(denom > 0, denom, 1.0)[:, None])
+                 .to(out_ptr.dtype.element_ty), mask=gd_mask)
+        tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")   # ready for the next
+
+
+@triton.jit
+def _flat_run(  # type: ignore[no-untyped-def]
+    q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr, arrive_ptr, start,
+    end, through, run, rows, first_row, last_row, piece, kv_head, lo, hi,
+    stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb,
+    stride_outh, qk_scale, num_slots,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """`_segment` for every row of the run, in one loop over its blocks ``[lo, hi)``:
+    the software pipeline keeps loading across a change of row instead of draining
+    and filling again for each row. The row of each block comes from the schedule; at
+    a row's last block in the run its output (a row within the run) or its partial is
+    stored and the accumulators start afresh. Only the run's first and last rows can
+    span runs: they count their arrival after the loop (FUSED)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    gd_mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    heads = kv_head * GROUP + offs_g
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
+        blk = lo
+        while blk < hi:
+            m_i, l_i, acc = _flat_block(
+                q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr, start,
+                end, through, run, rows, piece, kv_head, hi, blk, heads, offs_d, g_mask,
+                gd_mask, m_i, l_i, acc, stride_qb, stride_qh, stride_tb, stride_kb,
+                stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_op,
+                stride_oh, stride_lp, stride_outb, stride_outh, qk_scale, num_slots,
+                HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+            blk += 1
+    else:
+        for blk in range(lo, hi):
+            m_i, l_i, acc = _flat_block(
+                q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr, start,
+                end, through, run, rows, piece, kv_head, hi, blk, heads, offs_d, g_mask,
+                gd_mask, m_i, l_i, acc, stride_qb, stride_qh, stride_tb, stride_kb,
+                stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_op,
+                stride_oh, stride_lp, stride_outb, stride_outh, qk_scale, num_slots,
+                HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+    if FUSED and lo < hi:
+        _arrive_if_split(o_ptr, lse_ptr, out_ptr, arrive_ptr, start, end, through, run,
+                         rows, first_row, kv_head, heads, offs_d, g_mask, gd_mask,
+                         stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
+                         BLOCK_G, BLOCK_N, BLOCK_D)
+        if last_row != first_row:
+            _arrive_if_split(o_ptr, lse_ptr, out_ptr, arrive_ptr, start, end, through,
+                             run, rows, last_row, kv_head, heads, offs_d, g_mask, gd_mask,
+                             stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
+                             BLOCK_G, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _arrive_if_split(  # type: ignore[no-untyped-def]
+    o_ptr, lse_ptr, out_ptr, arrive_ptr, start, end, through, run, rows, row, kv_head,
+    heads, offs_d, g_mask, gd_mask, stride_op, stride_oh, stride_lp, stride_outb,
+    stride_outh, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """`_arrive` for `row` if its blocks lie in more than one run."""
+    _, _, row_first, row_through = _row_bounds(start, end, through, rows, row, BLOCK_N)
+    first_piece = row_first // run
+    last_piece = (row_through - 1) // run
+    if first_piece != last_piece:
+        _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, heads, offs_d, g_mask,
+                gd_mask, first_piece, last_piece, stride_op, stride_oh, stride_lp,
+                stride_outb, stride_outh, BLOCK_G, BLOCK_D)
+
+
+@triton.jit
+def _flat_block(  # type: ignore[no-untyped-def]
+    q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr, start, end,
+    through, run, rows, piece, kv_head, hi, blk, heads, offs_d, g_mask, gd_mask, m_i, l_i,
+    acc, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh, stride_vb,
+    stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
+    qk_scale, num_slots,
+    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    FUSED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One block of `_flat_run`: attend, and at the row's last block in the run store
+    its output or partial and return fresh accumulators."""
+    row = tl.sum((through <= blk).to(tl.int32), 0)
+    row_start, row_end, row_first, row_through = _row_bounds(start, end, through, rows,
+                                                             row, BLOCK_N)
+    slot = _row_slot(slots_ptr, row, num_slots, KV_BLOCK, HAS_SLOTS)
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i, l_i, acc = _attend_block(
+        q, k_ptr + slot * stride_kb + kv_head * stride_kh,
+        v_ptr + slot * stride_vb + kv_head * stride_vh, table_ptr + row * stride_tb,
+        blk - row_first, row_start, row_end, m_i, l_i, acc, num_slots, stride_kb,
+        stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, KV_BLOCK, UPCAST, PRECISION,
+        BLOCK_N, BLOCK_D)
+    if blk == tl.minimum(hi, row_through) - 1:      # the row's last block in this run
+        has = l_i > 0
+        safe_l = tl.where(has, l_i, 1.0)
+        if FUSED and row_first // run == (row_through - 1) // run:
+            tl.store(out_ptr + row * stride_outb + heads[:, None] * stride_outh
+                     + offs_d[None, :], (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=gd_mask)
+        else:
+            index = piece + row
+            tl.store(o_ptr + index * stride_op + heads[:, None] * stride_oh
+                     + offs_d[None, :], acc / safe_l[:, None], mask=gd_mask)
+            tl.store(lse_ptr + index * stride_lp + heads,
+                     tl.where(has, m_i + tl.log2(safe_l), float("-inf")), mask=g_mask)
+        m_i = tl.full(m_i.shape, float("-inf"), tl.float32)
+        l_i = tl.zeros(l_i.shape, tl.float32)
+        acc = tl.zeros(acc.shape, tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _segment(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr, arrive_ptr, start,
     end, through, run, rows, row, piece, kv_head, lo, hi,
@@ -199,19 +382,11 @@ def _segment(  # type: ignore[no-untyped-def]
     FUSED: a row within one run is written to the output at once; otherwise the last
     of the row's runs to arrive (an atomic count per row and KV head) merges the
     partials and resets its count to zero for the next launch."""
-    row_start = _pick(start, rows, row)
-    row_end = _pick(end, rows, row)
-    row_through = _pick(through, rows, row)
-    row_first = row_through - tl.cdiv(tl.maximum(row_end - row_start, 0), BLOCK_N)
+    row_start, row_end, row_first, row_through = _row_bounds(start, end, through, rows,
+                                                             row, BLOCK_N)
     first_block = tl.maximum(lo, row_first) - row_first
     last_block = tl.minimum(hi, row_through) - row_first
-    if KV_BLOCK > 0:
-        slot = 0
-    elif HAS_SLOTS:
-        slot = tl.load(slots_ptr + row).to(tl.int64)
-        slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)
-    else:
-        slot = row.to(tl.int64)
+    slot = _row_slot(slots_ptr, row, num_slots, KV_BLOCK, HAS_SLOTS)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -262,27 +437,9 @@ def _segment(  # type: ignore[no-untyped-def]
                  acc / safe_l[:, None], mask=gd_mask)
         tl.store(lse_ptr + index * stride_lp + heads, lse, mask=g_mask)
         if FUSED:   # release the partial, count the arrival; the last one merges
-            tl.debug_barrier()
-            count = arrive_ptr + row * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
-            if arrived == last_piece - first_piece:
-                tl.debug_barrier()
-                m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                denom = tl.zeros([BLOCK_G], tl.float32)
-                total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-                other = first_piece
-                while other <= last_piece:
-                    at = other + row
-                    lse_s = tl.load(lse_ptr + at * stride_lp + heads, mask=g_mask,
-                                    other=float("-inf"), cache_modifier=".cg")
-                    o_s = tl.load(o_ptr + at * stride_op + heads[:, None] * stride_oh
-                                  + offs_d[None, :], mask=gd_mask, other=0.0,
-                                  cache_modifier=".cg")
-                    m, denom, total = fold_partial(m, denom, total, lse_s, o_s)
-                    other += 1
-                tl.store(out_ptrs, (total / tl.where(denom > 0, denom, 1.0)[:, None])
-                         .to(out_ptr.dtype.element_ty), mask=gd_mask)
-                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")   # ready for the next
+            _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, heads, offs_d,
+                    g_mask, gd_mask, first_piece, last_piece, stride_op, stride_oh,
+                    stride_lp, stride_outb, stride_outh, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
@@ -397,6 +554,10 @@ class Tiling:
     """True: one launch, the last run of a request to finish merges its partials (an
     atomic count per request and KV head). False: a second launch merges them all.
     None: `merges_in_launch` decides from the run count and the batch."""
+    flat: bool = False
+    """True: a program walks all the blocks of its run in one pipelined loop, the
+    request changing inside it (`_flat_run`); False: one loop per request of the run,
+    each filling the software pipeline afresh (`_segment`)."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -538,7 +699,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         scale, batch, num_slots, max_len, splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
-        HAS_SLOTS=slots is not None, FUSED=fused,
+        HAS_SLOTS=slots is not None, FUSED=fused, FLAT=tiling.flat,
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,

@@ -9,6 +9,8 @@ length either returns NaN or faults.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -328,16 +330,18 @@ def test_uneven_rows_are_cut_into_chunks_that_cover_them(splits: int | None) -> 
     assert torch.equal(out[5], torch.zeros_like(out[5]))
 
 
+@pytest.mark.parametrize("loop", ["a loop per request", "flat"])
 @pytest.mark.parametrize("merge", ["fused", "fused, one workspace", "two launches"])
-def test_both_reductions_overwrite_every_row_of_out_twice(merge: str) -> None:
-    # One launch (the last run of a row merges) or two (a merge kernel): every row of a
-    # NaN-filled `out` is written, empty rows included, and a second call on the same
-    # inputs gives the same result; a workspace reused across calls is left at zero.
+def test_both_reductions_overwrite_every_row_of_out_twice(merge: str, loop: str) -> None:
+    # One launch (the last run of a row merges) or two (a merge kernel), a program's
+    # requests in a loop each or in one flat loop: every row of a NaN-filled `out` is
+    # written, empty rows included, and a second call on the same inputs gives the same
+    # result; a workspace reused across calls is left at zero.
     from vattn.kernels import Tiling
     from vattn.kernels.decode import launch
 
     tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1,
-                    fused_reduction=merge != "two launches")
+                    fused_reduction=merge != "two launches", flat=loop == "flat")
     workspace = (torch.zeros(5 * HKV + 3, dtype=torch.int32, device=DEVICE)
                  if merge == "fused, one workspace" else None)
     lmax = 200
@@ -357,6 +361,26 @@ def test_both_reductions_overwrite_every_row_of_out_twice(merge: str) -> None:
             assert relative_error(out, ref) < 1e-2, splits
             assert torch.equal(out[1], torch.zeros_like(out[1]))   # nothing to attend to
             assert torch.equal(out[4], torch.zeros_like(out[4]))   # start past the length
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_run_starts_each_request_afresh(flat: bool) -> None:
+    # Two requests in one run, the first with scores hundreds of times larger: carried
+    # over, its running max would underflow the second request's weights to zero.
+    from vattn.kernels import Tiling
+    from vattn.kernels.decode import launch
+
+    tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1, flat=flat)
+    k = torch.randn(2, 64, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 2 * HKV, D, device=DEVICE)
+    q[0] *= 300
+    q = q.to(torch.float16)
+    for splits in (1, 3):
+        out = launch(q, k, v, _ints([64, 50]), None, None, None, 0, 2, 64, None, None,
+                     splits, tiling)
+        ref = reference(q, k, v, [64, 50], [0, 1], [0, 0], D ** -0.5)
+        assert relative_error(out[1:], ref[1:]) < 1e-2, splits
 
 
 def test_the_split_launch_merges_only_with_few_runs_a_request() -> None:
@@ -391,16 +415,22 @@ def test_tiling_is_validated_and_sets_the_run_count() -> None:
 
 
 # No shrinking: through the interpreter it takes minutes; a failing example is printed.
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=16, deadline=None, derandomize=True,
           phases=(Phase.explicit, Phase.generate),
           suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40), st.integers(0, 3)),
                      min_size=1, max_size=6),
-       splits=st.integers(1, 40), seed=st.integers(0, 2**16))
+       splits=st.integers(1, 40), seed=st.integers(0, 2**16), flat=st.booleans(),
+       fused=st.sampled_from([None, False]))
 def test_any_schedule_matches_the_reference(rows: list[tuple[int, int, int]], splits: int,
-                                            seed: int) -> None:
-    # Random lengths (empty ones too), left padding past the length, shared slots and
-    # run counts from one run for the batch to more runs than tiles.
+                                            seed: int, flat: bool, fused: bool | None
+                                            ) -> None:
+    # Random lengths (empty ones too), left padding past the length, shared slots, run
+    # counts from one run for the batch to more runs than tiles, both loops (a loop per
+    # request, one flat loop) and both merges (the default rule, two launches).
+    from vattn.kernels import Tiling, default_tiling
+    from vattn.kernels.decode import launch
+
     lengths = [n for n, _, _ in rows]
     starts = [s for _, s, _ in rows]
     slots = [s for _, _, s in rows]
@@ -408,8 +438,11 @@ def test_any_schedule_matches_the_reference(rows: list[tuple[int, int, int]], sp
     k = torch.randn(4, 300, HKV, D, generator=gen).to(DEVICE, torch.float16)
     v = torch.randn(4, 300, HKV, D, generator=gen).to(DEVICE, torch.float16)
     q = torch.randn(len(rows), 2 * HKV, D, generator=gen).to(DEVICE, torch.float16)
-    out = decode_attention(q, k, v, _ints(lengths), _ints(slots), _ints(starts),
-                           num_splits=splits)
+    tiling = dataclasses.replace(default_tiling(D), block_n=64, fused_reduction=fused,
+                                 flat=flat)
+    assert isinstance(tiling, Tiling)
+    out = launch(q, k, v, _ints(lengths), _ints(slots), _ints(starts), None, 0, 4, 300,
+                 None, None, splits, tiling)
     ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
     assert not torch.isnan(out).any()
     for row, (n, start) in enumerate(zip(lengths, starts, strict=True)):
