@@ -41,9 +41,17 @@ def tilings(grid: str) -> list[Tiling]:
     """``full``: tile tokens x warps x stages x programs per SM; ``runs``: the shortest
     run (tiles) for the two best of the full sweep; ``paged``: tile tokens x stages x
     programs per SM for the paged twin; ``reduction``: two tilings, each with the merge
-    in the split launch and in a second launch; ``quick``: the default only."""
+    in the split launch and in a second launch; ``flat``: two tilings, each with a loop
+    per request and with one flat loop (`Tiling.flat`), timed in the order A B B A so
+    that a drift of the clock hits both alike (the faster of a tiling's two timings
+    counts); ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "flat":
+        pairs = [(dataclasses.replace(t, flat=False), dataclasses.replace(t, flat=True))
+                 for t in (default_tiling(128), Tiling(block_n=64, num_warps=4,
+                                                       num_stages=3, programs_per_sm=2))]
+        return [t for a, b in pairs for t in (a, b, b, a)]
     if grid == "reduction":
         return [dataclasses.replace(t, fused_reduction=fused)
                 for t in (default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
@@ -63,7 +71,8 @@ def tilings(grid: str) -> list[Tiling]:
 def _name(t: Tiling) -> str:
     return (f"n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm} "
             f"m{t.min_blocks_per_run}"
-            + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction])
+            + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction]
+            + (" flat" if t.flat else ""))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
@@ -140,7 +149,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "quick"),
+    parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
+                                           "quick"),
                         default="full")
     parser.add_argument("--paged", type=int, default=0,
                         help="time the paged twin at this block size (0: the dense kernel)")
@@ -159,9 +169,14 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     summary = []
     for shape in (s for s in SHAPES if s[0] in wanted):
-        mine = sorted(sweep(shape, configs, args.repeats, args.paged, args.token_major,
-                            args.grid == "reduction"), key=lambda r: r["us"])
-        rows += mine
+        timed = sweep(shape, configs, args.repeats, args.paged, args.token_major,
+                      args.grid == "reduction")
+        rows += timed
+        best: dict[str, dict[str, Any]] = {}     # a tiling timed twice: its faster timing
+        for row in timed:
+            if row["tiling"] not in best or row["us"] < best[row["tiling"]]["us"]:
+                best[row["tiling"]] = row
+        mine = sorted(best.values(), key=lambda r: r["us"])
         torch.cuda.empty_cache()
         print(f"\n{shape[0]}\n" + common.markdown_table(mine[:8]), flush=True)
         base = next(r for r in mine if r["tiling"] == _name(default))
