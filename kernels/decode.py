@@ -14,6 +14,9 @@ dim contiguous). One launch::
     _reduce_kernel  grid (Hq, B), only with ``Tiling(fused_reduction=False)``: a second
                     launch that merges every request's partials instead
 
+A program attends over the requests of its run one loop each (`_segment`), or, with
+``Tiling(flat=True)``, in one loop over all the run's blocks (`_flat_run`).
+
           request 0          request 1      request 2 (empty)  request 3
     |-----------------|--------------------||---------------------------|  blocks
     |  run 0   |   run 1    |   run 2   |   run 3    |   run 4   | run 5|  programs
