@@ -1,6 +1,10 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from vattn.allocator import SlotState
 from vattn.layout import Layout
+from vattn.targets import TargetIndex
 
 MiB = 1 << 20
 
@@ -74,3 +78,26 @@ def test_rejects_bad_numbers(field: str, value: object) -> None:
 def test_rejects_unknown_layout() -> None:
     with pytest.raises(ValueError, match="layout"):
         Layout(1, 1, 8, 2, 1, 1, MiB, "paged")  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(layers=st.integers(1, 40), heads=st.integers(1, 16), dim=st.sampled_from([64, 80, 128]),
+       context=st.integers(1, 20000), page_kib=st.sampled_from([64, 2048]),
+       kind=st.sampled_from(["per_layer", "token_major"]), slack=st.integers(0, 300),
+       lookahead=st.integers(0, 600), data=st.data())
+def test_target_index_keeps_the_layouts_arithmetic(layers: int, heads: int, dim: int,
+                                                   context: int, page_kib: int, kind: str,
+                                                   slack: int, lookahead: int,
+                                                   data: st.DataObject) -> None:
+    # TargetIndex copies the layout's sizes into ints for its hot path: its pages and
+    # fits must stay those of `Layout.pages_for_tokens` / `tokens_for_pages`.
+    layout = Layout(layers, heads, dim, 2, 3, context, page_kib << 10, kind)  # type: ignore[arg-type]
+    index = TargetIndex(layout, slack, lookahead)
+    tokens = data.draw(st.integers(0, layout.max_context_len))
+    assert index.pages_for(tokens) == layout.pages_for_tokens(tokens, slack)
+    pages = data.draw(st.integers(0, layout.pages_per_slot))
+    state = SlotState(num_pages=pages, active=True)
+    expected = (layout.max_context_len if pages == layout.pages_per_slot
+                else layout.tokens_for_pages(pages) - slack - lookahead)
+    assert index.fit(state) == expected
+    assert index.fit(SlotState(num_pages=pages, active=False)) == -1
