@@ -248,6 +248,37 @@ def test_decode_sweep_on_the_gpu(length: int, batch: int, group: int, head_dim: 
     assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("length, batch, group, head_dim",
+                         [SWEEP[1], SWEEP[2], SWEEP[5], SWEEP[8], SWEEP[10]])
+def test_flat_loop_compiles_and_matches_on_the_gpu(length: int, batch: int, group: int,
+                                                  head_dim: int, fused: bool | None) -> None:
+    # `Tiling(flat=True)` compiled, on unequal lengths (several requests a run), with
+    # the default merge rule and with two launches, against the float32 reference.
+    from vattn.kernels import default_tiling
+    from vattn.kernels.decode import launch
+
+    gen = torch.Generator(device="cuda").manual_seed(length * 17 + batch)
+    num_kv, lmax = 2, length + 64
+    k = torch.randn(batch + 1, lmax, num_kv, head_dim, device="cuda", generator=gen,
+                    dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, group * num_kv, head_dim, device="cuda", generator=gen,
+                    dtype=torch.bfloat16)
+    lengths = torch.randint(0, length + 1, (batch,), device="cuda", generator=gen).int()
+    slots = torch.randperm(batch + 1, device="cuda", generator=gen)[:batch].int()
+    tiling = dataclasses.replace(default_tiling(head_dim), flat=True, fused_reduction=fused)
+    out = launch(q, k, v, lengths, slots, None, None, 0, batch + 1, lmax, None, None, None,
+                 tiling)
+    ref = torch.empty(batch, group * num_kv, head_dim, device="cuda")
+    for row in range(batch):
+        ref[row] = reference(q[row:row + 1], k[slots[row:row + 1]], v[slots[row:row + 1]],
+                             [int(lengths[row])], [0], [0], head_dim ** -0.5)[0]
+    assert not torch.isnan(out).any()
+    assert relative_error(out, ref) < 1e-2
+
+
 def to_blocks(k: torch.Tensor, v: torch.Tensor, slots: list[int], lengths: list[int],
               block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copy each slot's first `length` tokens of K and V into shuffled blocks of a paged
