@@ -17,7 +17,9 @@ all alike:
   reservation of its own.
 
 It prints, per kind, the median iteration time and its difference from ``none``, and
-the median time the job took on the mapper thread.
+the median time the job took on the mapper thread. (The runs in docs/benchmarks.md, at
+cb0e617 and f79d7ac, also had ``map-c-N`` kinds: the C helper of 078aebf, since
+reverted.)
 
     python3 benchmarks/probe_job_cost.py --case a --layout per_layer --iterations 4000
 """
@@ -51,7 +53,7 @@ def map_runs_each(vm: Any, page: int, starts: list[int], counts: list[int],
         vm.set_access(start, count * page)
 
 
-def unmap_pages_each(vm: Any, page: int, addresses: list[int], handles: list[int]) -> None:
+def unmap_each(vm: Any, page: int, addresses: list[int]) -> None:
     for address in addresses:
         vm.unmap(address, page)
 
@@ -74,7 +76,7 @@ def jobs(vm: Any, base: int, sizes: list[int], handles: list[int], spread: list[
             map_runs_each(vm, PAGE, starts, counts, handles[:n])
 
         def unmap_py(n: int = n, addresses: list[int] = addresses) -> None:
-            unmap_pages_each(vm, PAGE, addresses, handles[:n])
+            unmap_each(vm, PAGE, addresses)
 
         def map_noaccess(n: int = n, addresses: list[int] = addresses) -> None:
             for address, handle in zip(addresses, handles[:n], strict=True):
@@ -89,7 +91,7 @@ def jobs(vm: Any, base: int, sizes: list[int], handles: list[int], spread: list[
             map_runs_each(vm, PAGE, addresses, [1] * n, handles[:n])
 
         def unmap_at(addresses: list[int] = addresses, n: int = n) -> None:
-            unmap_pages_each(vm, PAGE, addresses, handles[:n])
+            unmap_each(vm, PAGE, addresses)
 
         out[f"map-{name}-{n}"], out[f"unmap-{name}-{n}"] = map_at, unmap_at
     return out
