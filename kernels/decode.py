@@ -559,8 +559,10 @@ class Tiling:
     None: `merges_in_launch` decides from the run count and the batch."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
-    request changing inside it (`_flat_run`); False: one loop per request of the run,
-    each filling the software pipeline afresh (`_segment`)."""
+    request changing inside it (`_flat_run`); each block finds its request from the
+    schedule (reductions over the batch, so that its loads depend on the loop index
+    alone and can be prefetched). False: one loop per request of the run, each filling
+    the software pipeline afresh (`_segment`)."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
