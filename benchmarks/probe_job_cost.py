@@ -27,6 +27,7 @@ reverted.)
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,13 +60,13 @@ def unmap_each(vm: Any, page: int, addresses: list[int]) -> None:
 
 
 def jobs(vm: Any, base: int, sizes: list[int], handles: list[int], spread: list[int],
-         in_cache: list[int]) -> dict[str, Callable[[], None]]:
+         in_cache: list[int]) -> dict[str, Callable[[], object]]:
     """The synthetic jobs by name; map and unmap kinds alternate per size and path.
     `spread` and `in_cache` are the page addresses of the ``spread`` and ``slot`` kinds."""
-    out: dict[str, Callable[[], None]] = {
+    out: dict[str, Callable[[], object]] = {
         "wake": lambda: None,
         "sleep": lambda: time.sleep(2e-3),
-        "spin": lambda: _spin(1e-3),
+        "spin": functools.partial(_spin, 1e-3),
     }
     for n in sizes:
         addresses = [base + j * PAGE for j in range(n)]
@@ -97,10 +98,12 @@ def jobs(vm: Any, base: int, sizes: list[int], handles: list[int], spread: list[
     return out
 
 
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
+def _spin(seconds: float) -> int:
+    """Run Python (holding the GIL between switches) for `seconds`; returns the laps."""
+    end, laps = time.perf_counter() + seconds, 0
     while time.perf_counter() < end:
-        pass
+        laps += 1
+    return laps
 
 
 def main() -> None:
@@ -117,7 +120,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with VirtualKVCache(num_layers=32, num_kv_heads=HKV, head_dim=D, dtype=torch.bfloat16,
                         max_batch_size=case.batch + 1, max_context_len=case.context,
-                        device=device, layout=args.layout,  # type: ignore[arg-type]
+                        device=device, layout=args.layout,
                         lookahead_tokens=0) as cache:
         case_run = type(case)(case.name, case.batch, case.start, args.iterations,
                               case.context)
@@ -161,7 +164,7 @@ def main() -> None:
                     if kind != "none":
                         job = kinds[kind]
 
-                        def timed(job: Callable[[], None] = job, kind: str = kind) -> None:
+                        def timed(job: Callable[[], object] = job, kind: str = kind) -> None:
                             t0 = time.perf_counter()
                             job()
                             job_s[kind].append(time.perf_counter() - t0)
@@ -188,9 +191,9 @@ def main() -> None:
         if not t:
             continue
         p50 = common.median(t)
-        job = f"{common.median(job_s[kind]) * 1e3:.3f}" if job_s[kind] else "-"
+        job_ms = f"{common.median(job_s[kind]) * 1e3:.3f}" if job_s[kind] else "-"
         print(f"| {kind} | {len(t)} | {p50 * 1e3:.3f} | {(p50 - base_p50) * 1e6:+.0f} | "
-              f"{common.percentile(t, 90) * 1e3:.3f} | {job} |")
+              f"{common.percentile(t, 90) * 1e3:.3f} | {job_ms} |")
     if args.json:
         common.write_json(args.json, {"times": times, "job_s": job_s})
 
