@@ -231,3 +231,109 @@ def test_look_ahead_grows_in_few_large_jobs(layout: str) -> None:
                 capacity = now
         gaps = [b - a for a, b in zip(grew_at, grew_at[1:], strict=False)]
         assert len(grew_at) >= 4 and min(gaps) >= 1500, grew_at
+
+
+# -- wait(targets_only=True): the targets' pages first, look-ahead left to finish --------
+
+
+def gate_map(monkeypatch: pytest.MonkeyPatch, vm: FaultyVM, nth: int) -> threading.Event:
+    """From now on the `nth` call of `vm.map` blocks until the returned event is set."""
+    gate, calls, inner = threading.Event(), [0], vm.map
+
+    def gated(address: int, size_bytes: int, handle: int) -> None:
+        calls[0] += 1
+        if calls[0] == nth:
+            assert gate.wait(10), "the test never opened the gate"
+        inner(address, size_bytes, handle)
+
+    monkeypatch.setattr(vm, "map", gated)
+    return gate
+
+
+def lookahead_cache() -> vattn.VirtualKVCache:
+    # per_layer, 2 layers: 4 tensors, 2048 tokens a page; a target within 64 tokens of
+    # the capacity grows the slot to 128 tokens past the target.
+    return small_cache(read_slack=0, lookahead_tokens=64, memory_limit=40 * PAGE)
+
+
+def test_targets_only_returns_once_the_targets_pages_are_mapped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    with lookahead_cache() as cache:
+        slot = cache.allocate()
+        # Page 0 is needed (4 map calls, one a tensor), page 1 is ahead of need: the 5th
+        # map call, the first of the look-ahead, blocks.
+        gate = gate_map(monkeypatch, vm, 5)
+        cache.step_async({slot: 2000})
+        cache.wait(targets_only=True)
+        assert cache._res.worker.busy and len(cache._res.rows[slot]) == 1
+        k, v = cache.kv(1)
+        data = torch.randn(2000, 2, 64)
+        k[slot, :2000] = data               # the needed page, mapped in every tensor
+        v[slot, :2000] = data
+        gate.set()
+        cache.wait()                        # joins the look-ahead
+        assert cache.capacity(slot) == 4096 and len(cache._res.rows[slot]) == 2
+        assert torch.equal(k[slot, :2000], data) and torch.equal(v[slot, :2000], data)
+        check_invariants(cache)
+    assert vm.created == vm.released and not vm.violations
+
+
+def test_targets_only_does_not_wait_for_a_job_that_only_maps_ahead(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    with lookahead_cache() as cache:
+        slot = cache.allocate()
+        cache.step({slot: 1900})            # page 0; 1900 is not within 64 of 2048
+        gate = gate_map(monkeypatch, vm, 1)
+        cache.step_async({slot: 1990})      # covered: only page 1, ahead of need
+        cache.wait(targets_only=True)       # returns with the job blocked in its 1st map
+        assert cache._res.worker.busy and len(cache._res.rows[slot]) == 1
+        cache.wait(targets_only=True)       # and again: nothing is joined
+        gate.set()
+        cache.step_async({slot: 1991})      # joins the look-ahead first
+        cache.wait()
+        assert cache.capacity(slot) == 4096
+        check_invariants(cache)
+    assert vm.created == vm.released and not vm.violations
+
+
+def test_a_look_ahead_error_surfaces_at_the_next_full_join(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    with lookahead_cache() as cache:
+        slot = cache.allocate()
+        k, _ = cache.kv(0)
+        vm.op, vm.nth = "map", vm.calls["map"] + 5    # the first look-ahead map
+        cache.step_async({slot: 2000})
+        cache.wait(targets_only=True)       # the targets are mapped: no error yet
+        data = torch.randn(2000, 2, 64)
+        k[slot, :2000] = data
+        with pytest.raises(vattn.DriverError, match="INJECTED"):
+            cache.wait()
+        check_invariants(cache)             # the policy holds what is mapped: page 0
+        assert cache.capacity(slot) == 2048 and torch.equal(k[slot, :2000], data)
+        cache.step_async({slot: 2000})      # the fault is spent: the look-ahead again
+        cache.wait()
+        assert cache.capacity(slot) == 4096 and torch.equal(k[slot, :2000], data)
+        check_invariants(cache)
+    assert vm.created == vm.released and not vm.violations
+
+
+def test_an_error_before_the_targets_are_mapped_surfaces_at_targets_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    with lookahead_cache() as cache:
+        slot = cache.allocate()
+        vm.op, vm.nth = "map", vm.calls["map"] + 2    # a needed page's map
+        cache.step_async({slot: 2000})
+        with pytest.raises(vattn.DriverError, match="INJECTED"):
+            cache.wait(targets_only=True)
+        assert cache.capacity(slot) == 0 and not cache._res.worker.busy
+        check_invariants(cache)
+        cache.wait(targets_only=True)       # nothing in flight any more
+    assert vm.created == vm.released and not vm.violations

@@ -170,11 +170,11 @@ class CacheMachine(RuleBasedStateMachine):
         self.write_pattern(slot, n)
 
     @precondition(lambda self: self.active)
-    @rule(data=st.data(), background=st.booleans())
-    def step(self, data: st.DataObject, background: bool) -> None:
+    @rule(data=st.data(), background=st.booleans(), targets_only=st.booleans())
+    def step(self, data: st.DataObject, background: bool, targets_only: bool) -> None:
         targets = data.draw(st.dictionaries(st.sampled_from(sorted(self.active)), self.lengths,
                                             min_size=1, max_size=SLOTS), label="targets")
-        self.step_to(targets, background)
+        self.step_to(targets, background, targets_only)
 
     @precondition(lambda self: self.active)
     @rule(data=st.data())
@@ -191,12 +191,13 @@ class CacheMachine(RuleBasedStateMachine):
         self.targets.pop(slot, None)
         self.copies.pop(slot, None)
 
-    def step_to(self, targets: dict[int, int], background: bool = False) -> None:
+    def step_to(self, targets: dict[int, int], background: bool = False,
+                targets_only: bool = False) -> None:
         before = self.snapshot()
         try:
             if background:
                 self.cache.step_async(targets)
-                self.cache.wait()
+                self.cache.wait(targets_only=targets_only)
             else:
                 self.cache.step(targets)
         except OutOfPages as exc:
@@ -204,6 +205,12 @@ class CacheMachine(RuleBasedStateMachine):
             assert exc.needed > exc.available
             self.check_unchanged(before)
             return
+        if background and targets_only:
+            # The targets' pages are mapped; pages ahead of need may still be mapping.
+            if self.cache._res.worker.busy:
+                event("wait(targets_only=True): returned with the mapper busy")
+            for slot, n in targets.items():
+                self.write_pattern(slot, max(n, self.targets.get(slot, 0)))
         after = self.cache.stats()
         if after.pages_idle < before.stats.pages_idle:
             event("step: reclaimed pages from idle slots")

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -185,14 +185,30 @@ class VirtualKVCache:
             plan = self._plan_step(targets, reap=False)   # the mapper thread reaps
             if plan.empty and not self._res.pending:
                 return
+            needed, ahead = self._split(plan, targets)
+            # Pages ahead of need only (the usual look-ahead job): the targets are mapped
+            # already, so there is no milestone for `wait(targets_only=True)` to wait for.
+            milestone = bool(needed or plan.reclaim)
+            worker = self._res.worker
             self._inflight = plan
-            self._res.worker.submit(lambda: self._execute(plan))
+            worker.submit(lambda: self._execute(plan, needed, ahead, worker.reach), milestone)
 
-    def wait(self) -> None:
+    def wait(self, targets_only: bool = False) -> None:
         """Join the background work of the last `step_async`; raise its error, if any.
-        Afterwards every target of that call is mapped."""
+        Afterwards every target of that call is mapped.
+
+        With `targets_only`, return as soon as the pages the targets need are mapped
+        (and raise only an error met before that): pages that call maps ahead of need
+        may still be mapping, and the next call that joins (`step`, `step_async`,
+        `wait`, `stats`, ...) waits for them and raises their error. This lets a loop
+        that calls `step_async` after enqueuing its forward, so that the mapper works
+        while the host waits for the device, start the next forward without waiting
+        for look-ahead pages it does not read."""
         with self._lock:
             self._check_usable()
+            if targets_only and self._inflight is not None and \
+                    self._res.worker.wait_milestone():
+                return
             self._join()
 
     def set_memory_limit(self, memory_limit: int) -> int:
@@ -346,10 +362,30 @@ class VirtualKVCache:
         self._res.reap(block=True, timeout_s=self.config.pending_timeout_s)
         return self._policy.plan(need, self._res.pool.num_available, ahead, budget)
 
-    def _execute(self, plan: MapPlan) -> None:
+    def _split(self, plan: MapPlan, targets: Mapping[int, int],
+               ) -> tuple[tuple[PageRun, ...], tuple[PageRun, ...]]:
+        """`plan.grow` cut into the pages the (validated) targets need and the pages
+        ahead of need."""
+        needed, ahead = [], []
+        for run in plan.grow:
+            cut = min(max(0, self._index.pages_for(targets[run.slot]) - run.first_page),
+                      run.num_pages)
+            if cut:
+                needed.append(PageRun(run.slot, run.first_page, cut))
+            if cut < run.num_pages:
+                ahead.append(PageRun(run.slot, run.first_page + cut, run.num_pages - cut))
+        return tuple(needed), tuple(ahead)
+
+    def _execute(self, plan: MapPlan, needed: tuple[PageRun, ...] | None = None,
+                 ahead: tuple[PageRun, ...] = (),
+                 on_needed: Callable[[], None] | None = None) -> None:
         """The driver work of a recorded plan, on either thread: unmap the reclaimed runs
         (after their fences), map the grown ones (all or nothing), unmap pending pages
         whose fences completed.
+
+        Split (`needed`, `ahead`: `plan.grow` cut by `_split`), the pages the targets
+        need are mapped first and `on_needed` is called; then the pages ahead of need
+        (all or nothing each: a failure there leaves the needed pages mapped).
 
         Reclaimed pages come from idle slots; whatever happens after, they sit in the
         pool, which changes no request's data.
@@ -364,11 +400,23 @@ class VirtualKVCache:
             rows = self._res.rows[run.slot][run.first_page:]
             self._res.mapper.unmap_runs([(run.slot, run.first_page, rows)])
             self._res.pool.put([h for row in self._res.take_rows(run) for h in row])
-        self._res.map_runs(plan.grow)
-        if self.config.debug_fill_nan:
-            for run in plan.grow:
-                self._fill_nan(run)
+        if needed is None:
+            self._map(plan.grow)
+        else:
+            self._map(needed)
+            if on_needed is not None:
+                on_needed()
+            self._map(ahead)
         self._res.reap(block=False)
+
+    def _map(self, runs: tuple[PageRun, ...]) -> None:
+        """Map `runs` (all or nothing), filled with NaN with `debug_fill_nan`."""
+        if not runs:
+            return
+        self._res.map_runs(runs)
+        if self.config.debug_fill_nan:
+            for run in runs:
+                self._fill_nan(run)
 
     def _join(self) -> None:
         """Wait for the background work; on its failure, bring the policy back to what is

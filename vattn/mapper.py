@@ -149,8 +149,10 @@ class BackgroundWorker:
     """One long-lived thread that runs one job at a time, so driver calls overlap the
     GPU's work; `join` waits for the job and raises what it raised.
 
-    At most one job is in flight: callers `join` before they `submit`. The thread is a
-    daemon; it references the cache only while a job runs; `stop` joins it.
+    At most one job is in flight: callers `join` before they `submit`. A job may mark
+    a milestone part way (`reach`), which `wait_milestone` waits for without waiting for
+    the rest. The thread is a daemon; it references the cache only while a job runs;
+    `stop` joins it.
     """
 
     def __init__(self, name: str) -> None:
@@ -158,6 +160,9 @@ class BackgroundWorker:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
+        self._passed = threading.Event()    # the job's milestone reached, or the job over
+        self._passed.set()
+        self._milestone = True              # ... and which of the two
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -166,14 +171,30 @@ class BackgroundWorker:
         """True while a job runs."""
         return not self._idle.is_set()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run `job` on the thread (started on first use)."""
+    def submit(self, job: Callable[[], None], milestone: bool = False) -> None:
+        """Run `job` on the thread (started on first use). With `milestone`, the job
+        calls `reach` part way (`wait_milestone` waits for that); without, the job has
+        none to reach and `wait_milestone` returns at once."""
         assert not self.busy and self._error is None, "join() before submit()"
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
+        self._milestone = not milestone
+        if milestone:
+            self._passed.clear()
         self._idle.clear()
         self._jobs.put(job)
+
+    def reach(self) -> None:
+        """Called by the running job: what `wait_milestone` waits for is done."""
+        self._milestone = True
+        self._passed.set()
+
+    def wait_milestone(self) -> bool:
+        """Wait until the job in flight calls `reach` or ends; True if it reached it (the
+        job may still run), False if it ended first (`join` then raises its error)."""
+        self._passed.wait()
+        return self._milestone
 
     def join(self) -> None:
         """Wait for the job in flight; raise its exception, once."""
@@ -200,4 +221,5 @@ class BackgroundWorker:
                 self._error = exc
             finally:
                 job = None  # the job may hold the cache: let it go while idle
+                self._passed.set()
                 self._idle.set()

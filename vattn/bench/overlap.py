@@ -27,8 +27,9 @@ HQ, HKV, D, HIDDEN, FFN = 32, 8, 128, 4096, 14336
 MODES = ("premapped", "sync", "background", "background-late")
 """premapped: the baseline; sync: `step` before the forward; background: `step_async`
 with the next forward's targets before this forward is enqueued; background-late: the
-same call after it is enqueued (joined by `wait` before the next forward), so the
-mapper thread runs while the host waits for the device rather than while it launches."""
+same call after it is enqueued, and ``wait(targets_only=True)`` before the next forward,
+so the mapper thread runs while the host waits for the device rather than while it
+launches, and look-ahead pages still mapping do not hold the next forward back."""
 EXTRA_MODES = ("premapped-async",)
 """Diagnostic, not run by default: every page mapped up front and `step_async` called
 as in background, so every call plans nothing: the cost of the calls alone."""
@@ -142,7 +143,7 @@ class ModeRun:
             targets = {s: n + lead for s, n in enumerate(self.lens)}
             if mode == "background-late":
                 call = time.perf_counter()
-                cache.wait()        # this forward's pages (the previous call's)
+                cache.wait(targets_only=True)   # this forward's pages (the last call's)
                 waited = time.perf_counter() - call
                 loop.forward()
                 call = time.perf_counter()
