@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -272,8 +273,10 @@ def test_targets_only_returns_once_the_targets_pages_are_mapped(
         data = torch.randn(2000, 2, 64)
         k[slot, :2000] = data               # the needed page, mapped in every tensor
         v[slot, :2000] = data
-        gate.set()
-        cache.wait()                        # joins the look-ahead
+        gate.set()                          # tensor 0's look-ahead page maps; then the
+        time.sleep(0.2)                     # rest is held until the next join
+        assert cache._res.worker.busy and vm.calls["map"] == 5
+        cache.wait()                        # joins (and resumes) the look-ahead
         assert cache.capacity(slot) == 4096 and len(cache._res.rows[slot]) == 2
         assert torch.equal(k[slot, :2000], data) and torch.equal(v[slot, :2000], data)
         check_invariants(cache)
@@ -297,6 +300,22 @@ def test_targets_only_does_not_wait_for_a_job_that_only_maps_ahead(
         cache.wait()
         assert cache.capacity(slot) == 4096
         check_invariants(cache)
+    assert vm.created == vm.released and not vm.violations
+
+
+def test_close_finishes_look_ahead_held_by_targets_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    cache = lookahead_cache()
+    slot = cache.allocate()
+    gate = gate_map(monkeypatch, vm, 5)
+    cache.step_async({slot: 2000})
+    cache.wait(targets_only=True)
+    gate.set()
+    base, size = cache._res.base_address, cache.layout.reservation_bytes
+    cache.close()                           # the held job is let go, then joined
+    assert host_mapped_bytes(base, size) == 0
     assert vm.created == vm.released and not vm.violations
 
 

@@ -198,16 +198,19 @@ class VirtualKVCache:
         Afterwards every target of that call is mapped.
 
         With `targets_only`, return as soon as the pages the targets need are mapped
-        (and raise only an error met before that): pages that call maps ahead of need
-        may still be mapping, and the next call that joins (`step`, `step_async`,
-        `wait`, `stats`, ...) waits for them and raises their error. This lets a loop
-        that calls `step_async` after enqueuing its forward, so that the mapper works
-        while the host waits for the device, start the next forward without waiting
-        for look-ahead pages it does not read."""
+        (and raise only an error met before that). The pages that call maps ahead of
+        need, if any are left, are held until the next call that joins (`step`,
+        `step_async`, `wait`, `stats`, ...), which maps them and raises their error.
+        This is for a loop that calls `step_async` right after enqueuing its forward, so
+        that the mapper works while the host waits for the device: the next forward
+        starts without waiting for look-ahead pages it does not read, and what is left
+        of them is mapped inside the next `step_async` (while the device runs) rather
+        than alongside the host's kernel launches, which it would slow down."""
         with self._lock:
             self._check_usable()
-            if targets_only and self._inflight is not None and \
-                    self._res.worker.wait_milestone():
+            worker = self._res.worker
+            if targets_only and self._inflight is not None and worker.wait_milestone():
+                worker.pause()      # the look-ahead left waits for the next join
                 return
             self._join()
 
@@ -384,8 +387,9 @@ class VirtualKVCache:
         whose fences completed.
 
         Split (`needed`, `ahead`: `plan.grow` cut by `_split`), the pages the targets
-        need are mapped first and `on_needed` is called; then the pages ahead of need
-        (all or nothing each: a failure there leaves the needed pages mapped).
+        need are mapped first and `on_needed` is called; then the pages ahead of need,
+        between tensors held while the worker is paused (all or nothing each: a failure
+        there leaves the needed pages mapped).
 
         Reclaimed pages come from idle slots; whatever happens after, they sit in the
         pool, which changes no request's data.
@@ -406,14 +410,16 @@ class VirtualKVCache:
             self._map(needed)
             if on_needed is not None:
                 on_needed()
-            self._map(ahead)
+            self._map(ahead, self._res.worker.checkpoint)
         self._res.reap(block=False)
 
-    def _map(self, runs: tuple[PageRun, ...]) -> None:
-        """Map `runs` (all or nothing), filled with NaN with `debug_fill_nan`."""
+    def _map(self, runs: tuple[PageRun, ...],
+             between: Callable[[], None] | None = None) -> None:
+        """Map `runs` (all or nothing), filled with NaN with `debug_fill_nan`; `between`
+        as in `Mapper.map_runs`."""
         if not runs:
             return
-        self._res.map_runs(runs)
+        self._res.map_runs(runs, between)
         if self.config.debug_fill_nan:
             for run in runs:
                 self._fill_nan(run)

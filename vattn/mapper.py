@@ -87,17 +87,21 @@ class Mapper:
         self._slot_stride = layout.slot_stride_bytes
         self._page = layout.page_size_bytes
 
-    def map_runs(self, runs: Sequence[Run]) -> None:
+    def map_runs(self, runs: Sequence[Run],
+                 between: Callable[[], None] | None = None) -> None:
         """Map ``rows[j][t]`` at page ``first_page + j`` of `slot` in tensor `t`, for each
         ``(slot, first_page, rows)`` run; each row holds one handle per tensor.
 
-        Tensor by tensor, so addresses ascend (the driver maps faster in that order).
-        All or nothing: on a failure every page this call mapped is unmapped again.
+        Tensor by tensor, so addresses ascend (the driver maps faster in that order);
+        `between` is called before each tensor's calls. All or nothing: on a failure
+        every page this call mapped is unmapped again.
         """
         page, stride, vm = self._page, self._slot_stride, self.vm
         done: list[int] = []  # addresses mapped so far
         try:
             for tensor, tensor_base in enumerate(self._tensor_base):
+                if between is not None:
+                    between()
                 for slot, first_page, rows in runs:
                     start = tensor_base + slot * stride + first_page * page
                     address = start
@@ -151,7 +155,8 @@ class BackgroundWorker:
 
     At most one job is in flight: callers `join` before they `submit`. A job may mark
     a milestone part way (`reach`), which `wait_milestone` waits for without waiting for
-    the rest. The thread is a daemon; it references the cache only while a job runs;
+    the rest, and be held between its driver calls (`pause`, `checkpoint`) until it is
+    joined. The thread is a daemon; it references the cache only while a job runs;
     `stop` joins it.
     """
 
@@ -163,6 +168,8 @@ class BackgroundWorker:
         self._passed = threading.Event()    # the job's milestone reached, or the job over
         self._passed.set()
         self._milestone = True              # ... and which of the two
+        self._running = threading.Event()   # cleared by `pause`: `checkpoint` blocks
+        self._running.set()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -180,6 +187,7 @@ class BackgroundWorker:
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
         self._milestone = not milestone
+        self._running.set()
         if milestone:
             self._passed.clear()
         self._idle.clear()
@@ -196,8 +204,21 @@ class BackgroundWorker:
         self._passed.wait()
         return self._milestone
 
+    def pause(self) -> None:
+        """Hold the job in flight at its next `checkpoint` until `resume` or `join`."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        """Let a paused job go on."""
+        self._running.set()
+
+    def checkpoint(self) -> None:
+        """Called by the running job between its driver calls: block while paused."""
+        self._running.wait()
+
     def join(self) -> None:
-        """Wait for the job in flight; raise its exception, once."""
+        """Wait for the job in flight (resumed if paused); raise its exception, once."""
+        self._running.set()
         self._idle.wait()
         error, self._error = self._error, None
         if error is not None:
@@ -206,6 +227,7 @@ class BackgroundWorker:
     def stop(self) -> None:
         """Finish the job in flight and end the thread (its error is dropped). Called on
         the thread itself (a cache collected there), it only asks the thread to end."""
+        self._running.set()
         if self._thread is not None:
             self._jobs.put(None)
             if self._thread is not threading.current_thread():

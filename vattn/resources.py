@@ -86,8 +86,10 @@ class Resources:
         del rows[run.first_page:]
         return taken
 
-    def map_runs(self, runs: Iterable[PageRun]) -> None:
-        """Take handles from the pool and map every run; all or nothing."""
+    def map_runs(self, runs: Iterable[PageRun],
+                 between: Callable[[], None] | None = None) -> None:
+        """Take handles from the pool and map every run; all or nothing. `between` as in
+        `Mapper.map_runs`."""
         tensors = self.layout.num_tensors
         planned = []
         runs = list(runs)
@@ -99,7 +101,7 @@ class Resources:
                              for j in range(run.num_pages)]))
             position += run.num_pages * tensors
         try:
-            self.mapper.map_runs(planned)
+            self.mapper.map_runs(planned, between)
         except BaseException:
             self.pool.put(handles)
             raise
