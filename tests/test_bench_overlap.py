@@ -40,11 +40,12 @@ def test_summary_pools_rounds_and_reports_pages_created_in_the_loop() -> None:
         {"iteration_s": [1.0, 1.0], "visible_s": [0.0, 0.0], "work": [False, False],
          "ahead_mib": 0.0, "created": 0}] * 2)
     mine = _join_rounds([
-        {"iteration_s": [1.1, 1.1], "visible_s": [1e-5, 2e-5], "work": [True, False],
+        {"iteration_s": [1.1, 1.3], "visible_s": [1e-5, 2e-5], "work": [True, False],
          "ahead_mib": 4.0, "created": 3},
         {"iteration_s": [1.1, 1.1], "visible_s": [1e-5, 1e-5], "work": [False, False],
          "ahead_mib": 8.0, "created": 2}])
     row = summarize("per_layer", case, "background", mine, base)
     assert row["pages created in loop"] == 5 and row["MiB ahead (max)"] == 8
     assert row["iters mapping"] == 1 and row["p50 vs base"] == "+10.0%"
+    assert row["their p50 ms"] == 1100.0 and row["next p50 ms"] == 1300.0
     assert row["alloc visible p50 us"] == 10.0

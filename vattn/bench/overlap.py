@@ -239,6 +239,9 @@ def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
               base: dict[str, Any] | None) -> dict[str, Any]:
     it, vis = r["iteration_s"], r["visible_s"]
     worked = [t for t, w in zip(it, r["work"], strict=True) if w]
+    # The iteration after each mapping one: where a job that outlasts its own iteration
+    # (background-late) shows.
+    after = [it[i + 1] for i, w in enumerate(r["work"][:-1]) if w]
     slowest = sorted(range(len(it)), key=it.__getitem__)[-max(1, len(it) // 1000):]
     row = {"case": case.name, "layout": layout, "mode": mode,
            "p50 ms": round(common.median(it) * 1e3, 3),
@@ -251,6 +254,7 @@ def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
            "pages created in loop": r["created"],
            "iters mapping": len(worked),
            "their p50 ms": round(common.median(worked) * 1e3, 3) if worked else "-",
+           "next p50 ms": round(common.median(after) * 1e3, 3) if after else "-",
            "slowest 0.1% mapping": f"{sum(r['work'][i] for i in slowest)}/{len(slowest)}"}
     if base is not None:
         b = base["iteration_s"]
