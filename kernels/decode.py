@@ -562,7 +562,8 @@ class Tiling:
     request changing inside it (`_flat_run`); each block finds its request from the
     schedule (reductions over the batch, so that its loads depend on the loop index
     alone and can be prefetched). False: one loop per request of the run, each filling
-    the software pipeline afresh (`_segment`)."""
+    the software pipeline afresh (`_segment`), the default: on an H200 the flat loop
+    was 0-6% slower (docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
