@@ -80,9 +80,10 @@ def check_invariants(cache: VirtualKVCache) -> None:
 
 
 def hammer_from_threads(cache: VirtualKVCache, background: bool, num_threads: int = 6,
-                        rounds: int = 30) -> None:
-    """Threads each allocate a slot, map it (`step`, or `step_async` + `wait`), write and
-    read back random data, and free it; any failure is raised here."""
+                        rounds: int = 30, targets_only: bool = False) -> None:
+    """Threads each allocate a slot, map it (`step`, or `step_async` + `wait`, with
+    `targets_only` as given), write and read back random data, and free it; any failure
+    is raised here."""
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
@@ -97,7 +98,7 @@ def hammer_from_threads(cache: VirtualKVCache, background: bool, num_threads: in
                 try:
                     if background:
                         cache.step_async({slot: n})
-                        cache.wait()
+                        cache.wait(targets_only=targets_only)
                     else:
                         cache.step({slot: n})
                 except vattn.OutOfPages:

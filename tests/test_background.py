@@ -135,6 +135,14 @@ def test_step_async_from_several_threads() -> None:
         check_invariants(cache)
 
 
+def test_targets_only_from_several_threads() -> None:
+    # With look-ahead, each thread's join may return with (another thread's) look-ahead
+    # held; its own targets must be mapped all the same.
+    with small_cache(max_batch_size=8, memory_limit=40 * PAGE, lookahead_tokens=64) as cache:
+        hammer_from_threads(cache, background=True, targets_only=True)
+        check_invariants(cache)
+
+
 def test_close_joins_the_mapper_thread() -> None:
     cache = small_cache()
     slot = cache.allocate()
