@@ -38,10 +38,10 @@ def run(device: str, layout: str, key: str, mode: str, iterations: int) -> dict[
         jobs: list[tuple[float, float, int]] = []
         execute = cache._execute
 
-        def traced(plan: Any) -> None:
+        def traced(plan: Any, *args: Any) -> None:
             t0 = time.perf_counter()
             try:
-                execute(plan)
+                execute(plan, *args)
             finally:
                 pages = sum(r.num_pages for r in plan.grow) * cache.layout.num_tensors
                 jobs.append((t0, time.perf_counter(), pages))

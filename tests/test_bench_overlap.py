@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vattn.bench.overlap import Case, _join_rounds, prepare, summarize
+from vattn.bench.overlap import Case, _join_rounds, pages_ahead, prepare, summarize
 from vattn.cache import VirtualKVCache
 
 
@@ -32,6 +32,25 @@ def test_the_pool_created_up_front_covers_a_whole_background_run(layout: str,
             lens = [n + 1 for n in lens]
         assert grew > 0, "the run must map pages for the check to mean anything"
         assert cache.stats().pages_created == created
+
+
+@pytest.mark.parametrize("layout", ["token_major", "per_layer"])
+def test_pages_ahead_without_a_join_equals_the_stats_after_one(layout: str) -> None:
+    case = Case("t", 3, (700, 1001, 1999), 300, 4096)
+    with VirtualKVCache(num_layers=3, num_kv_heads=2, head_dim=64, dtype=torch.float16,
+                        max_batch_size=case.batch, max_context_len=case.context,
+                        device="cpu", layout=layout,  # type: ignore[arg-type]
+                        page_size_bytes=16 << 10, lookahead_tokens=40) as cache:
+        prepare(cache, case, premapped=False, precreate_bytes=-1)
+        lens, seen = list(case.start), set()
+        for _ in range(case.iterations):
+            targets = {s: n + 2 for s, n in enumerate(lens)}
+            cache.step_async(targets)
+            ahead = pages_ahead(cache, targets)     # the job may still run
+            assert ahead == cache.stats().pages_ahead
+            seen.add(ahead)
+            lens = [n + 1 for n in lens]
+        assert len(seen) > 2, "the run must move the look-ahead for the check to mean anything"
 
 
 def test_summary_pools_rounds_and_reports_pages_created_in_the_loop() -> None:

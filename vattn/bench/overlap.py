@@ -164,7 +164,7 @@ class ModeRun:
             self.work.append(now != self._mapped)
             self._mapped = now
             if len(self.iteration) % 64 == 0:
-                self.ahead = max(self.ahead, cache.stats().pages_ahead)
+                self.ahead = max(self.ahead, pages_ahead(cache, targets))
 
     def finish(self) -> dict[str, Any]:
         """Join the mapper, close the cache, return the timings."""
@@ -206,6 +206,15 @@ def run_interleaved(device: str, layout: str, case: Case, modes: list[str], laye
     finally:
         for runner in runners:  # idempotent; here for a failure before every finish
             runner.cache.close()
+
+
+def pages_ahead(cache: VirtualKVCache, targets: dict[int, int]) -> int:
+    """`CacheStats.pages_ahead` for `targets` without the join that `stats()` makes: in
+    the loop, a join would finish a mapper job off the clock."""
+    lay, slack = cache.layout, cache.config.read_slack
+    return lay.num_tensors * sum(
+        max(0, lay.pages_for_tokens(cache.capacity(slot)) - lay.pages_for_tokens(n, slack))
+        for slot, n in targets.items())
 
 
 def _capacity(cache: VirtualKVCache, batch: int) -> int:
