@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vattn
 from tests.conftest import (
@@ -18,6 +20,7 @@ from tests.conftest import (
     small_cache,
 )
 from tests.test_faults import FaultyVM, install
+from vattn.allocator import MapPlan, PageRun
 
 
 def test_step_async_maps_by_the_next_join() -> None:
@@ -360,3 +363,27 @@ def test_an_error_before_the_targets_are_mapped_surfaces_at_targets_only(vm: Fau
         assert cache.capacity(slot) == 0 and not cache._res.worker.busy
         check_invariants(cache)
         cache.wait(targets_only=True)       # nothing in flight any more
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(1, 3),
+                               st.integers(0, 5000)),
+                     min_size=1, max_size=4, unique_by=lambda r: r[0]))
+def test_a_plan_splits_into_the_pages_the_targets_need_and_the_rest(
+        runs: list[tuple[int, int, int, int]]) -> None:
+    """Each grown run is cut where its slot's target stops needing pages: the pages
+    below the cut in the first part, the rest in the second, none lost or repeated."""
+    with lookahead_cache() as cache:
+        plan = MapPlan(grow=tuple(PageRun(slot, first, n) for slot, first, n, _ in runs))
+        targets = {slot: tokens for slot, _, _, tokens in runs}
+        needed, ahead = cache._split(plan, targets)
+        assert all(r.num_pages > 0 for r in (*needed, *ahead))
+        for run in plan.grow:
+            cut = min(max(cache._index.pages_for(targets[run.slot]), run.first_page),
+                      run.first_page + run.num_pages)
+            mine = [r for r in needed if r.slot == run.slot]
+            rest = [r for r in ahead if r.slot == run.slot]
+            assert mine == ([PageRun(run.slot, run.first_page, cut - run.first_page)]
+                            if cut > run.first_page else [])
+            end = run.first_page + run.num_pages
+            assert rest == ([PageRun(run.slot, cut, end - cut)] if cut < end else [])
