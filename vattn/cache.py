@@ -273,7 +273,10 @@ class VirtualKVCache:
         return self._views[layer]
 
     def capacity(self, slot: int) -> int:
-        """Tokens `slot` has mapped now (its target plus at least `read_slack`)."""
+        """Tokens `slot` holds (its target plus at least `read_slack`): mapped once the
+        background work is joined. Between `step_async` and the next join, and after
+        ``wait(targets_only=True)``, pages ahead of the targets may not be mapped yet:
+        kernels may touch only the targets' tokens (and the read slack)."""
         with self._lock:
             self._check_usable()
             self._check_slot(slot)

@@ -187,7 +187,7 @@ class BackgroundWorker:
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
         self._milestone = not milestone
-        self._running.set()
+        self.resume()
         if milestone:
             self._passed.clear()
         self._idle.clear()
@@ -218,7 +218,7 @@ class BackgroundWorker:
 
     def join(self) -> None:
         """Wait for the job in flight (resumed if paused); raise its exception, once."""
-        self._running.set()
+        self.resume()
         self._idle.wait()
         error, self._error = self._error, None
         if error is not None:
@@ -227,7 +227,7 @@ class BackgroundWorker:
     def stop(self) -> None:
         """Finish the job in flight and end the thread (its error is dropped). Called on
         the thread itself (a cache collected there), it only asks the thread to end."""
-        self._running.set()
+        self.resume()
         if self._thread is not None:
             self._jobs.put(None)
             if self._thread is not threading.current_thread():
