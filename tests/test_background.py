@@ -282,6 +282,7 @@ def test_targets_only_returns_once_the_targets_pages_are_mapped(
         monkeypatch: pytest.MonkeyPatch, vm: FaultyVM) -> None:
     with lookahead_cache() as cache:
         slot = cache.allocate()
+        cache._res.worker.hold_limit_s = 10    # no going on by itself within the test
         # Page 0 is needed (4 map calls, one a tensor), page 1 is ahead of need: the 5th
         # map call, the first of the look-ahead, blocks.
         gate = gate_map(monkeypatch, vm, 5)
@@ -331,6 +332,34 @@ def test_close_finishes_look_ahead_held_by_targets_only(
     gate.set()
     base, size = cache._res.base_address, cache.layout.reservation_bytes
     cache.close()                           # the held job is let go, then joined
+    assert host_mapped_bytes(base, size) == 0
+
+
+def test_a_dropped_cache_with_held_look_ahead_is_released(
+        monkeypatch: pytest.MonkeyPatch, vm: FaultyVM) -> None:
+    import gc
+    import weakref
+
+    # 20 layers: 40 tensors, so 40 checkpoints in the look-ahead; the hold (0.05 s
+    # here) runs out once for the whole job, not once a checkpoint (2 s).
+    cache = small_cache(num_layers=20, read_slack=0, lookahead_tokens=64,
+                        memory_limit=100 * PAGE)
+    cache._res.worker.hold_limit_s = 0.05
+    slot = cache.allocate()
+    gate = gate_map(monkeypatch, vm, 41)    # the first look-ahead map
+    cache.step_async({slot: 2000})
+    cache.wait(targets_only=True)           # the job holds the cache while held
+    gate.set()
+    base, size = cache._res.base_address, cache.layout.reservation_bytes
+    alive = weakref.ref(cache)
+    del cache
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:      # the hold runs out; the job lets go
+        gc.collect()
+        if alive() is None and host_mapped_bytes(base, size) == 0:
+            break
+        time.sleep(0.01)
+    assert alive() is None
     assert host_mapped_bytes(base, size) == 0
 
 

@@ -200,7 +200,8 @@ class VirtualKVCache:
         With `targets_only`, return as soon as the pages the targets need are mapped
         (and raise only an error met before that). The pages that call maps ahead of
         need, if any are left, are held until the next call that joins (`step`,
-        `step_async`, `wait`, `stats`, ...), which maps them and raises their error.
+        `step_async`, `wait`, `stats`, ...), which maps them and raises their error
+        (without a join they go on by themselves after `mapper.HOLD_LIMIT_S`).
         This is for a loop that calls `step_async` right after enqueuing its forward, so
         that the mapper works while the host waits for the device: the next forward
         starts without waiting for look-ahead pages it does not read, and what is left

@@ -149,6 +149,12 @@ def _quietly(call: Callable[..., None], *args: int) -> None:
         logger.error("undo after a driver failure failed too: %s", exc)
 
 
+HOLD_LIMIT_S = 0.1
+"""The longest a paused job waits at a `checkpoint` before it goes on by itself (the
+rest of it unheld): the hold only has to cover a forward's kernel launches, and a job
+must not pin a cache that its owner dropped without joining."""
+
+
 class BackgroundWorker:
     """One long-lived thread that runs one job at a time, so driver calls overlap the
     GPU's work; `join` waits for the job and raises what it raised.
@@ -170,6 +176,7 @@ class BackgroundWorker:
         self._milestone = True              # ... and which of the two
         self._running = threading.Event()   # cleared by `pause`: `checkpoint` blocks
         self._running.set()
+        self.hold_limit_s = HOLD_LIMIT_S
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -205,7 +212,8 @@ class BackgroundWorker:
         return self._milestone
 
     def pause(self) -> None:
-        """Hold the job in flight at its next `checkpoint` until `resume` or `join`."""
+        """Hold the job in flight at its next `checkpoint` until `resume` or `join` (or
+        `hold_limit_s` there)."""
         self._running.clear()
 
     def resume(self) -> None:
@@ -213,8 +221,10 @@ class BackgroundWorker:
         self._running.set()
 
     def checkpoint(self) -> None:
-        """Called by the running job between its driver calls: block while paused."""
-        self._running.wait()
+        """Called by the running job between its driver calls: block while paused, for
+        at most `hold_limit_s` in all (then the hold is over)."""
+        if not self._running.wait(self.hold_limit_s):
+            self.resume()
 
     def join(self) -> None:
         """Wait for the job in flight (resumed if paused); raise its exception, once."""
