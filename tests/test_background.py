@@ -213,12 +213,14 @@ def test_a_dropped_cache_is_released_after_step_async() -> None:
     base, size = cache._res.base_address, cache.layout.reservation_bytes
     alive = weakref.ref(cache)
     del cache
-    for _ in range(100):                 # the mapper thread drops its reference
-        gc.collect()
-        if alive() is None and host_mapped_bytes(base, size) == 0:
-            break
-        threading.Event().wait(0.01)
+    deadline = time.monotonic() + 30
+    while alive() is not None and time.monotonic() < deadline:
+        gc.collect()                     # the mapper thread drops its reference
+        time.sleep(0.01)
     assert alive() is None
+    deadline = time.monotonic() + 30     # its teardown may run on the mapper thread
+    while host_mapped_bytes(base, size) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert host_mapped_bytes(base, size) == 0
 
 
@@ -340,11 +342,11 @@ def test_a_dropped_cache_with_held_look_ahead_is_released(
     import gc
     import weakref
 
-    # 20 layers: 40 tensors, so 40 checkpoints in the look-ahead; the hold (0.05 s
-    # here) runs out once for the whole job, not once a checkpoint (2 s).
+    # 20 layers: 40 tensors, so 40 checkpoints in the look-ahead; the hold (0.2 s
+    # here) runs out once for the whole job, not once a checkpoint (8 s).
     cache = small_cache(num_layers=20, read_slack=0, lookahead_tokens=64,
                         memory_limit=100 * PAGE)
-    cache._res.worker.hold_limit_s = 0.05
+    cache._res.worker.hold_limit_s = 0.2
     slot = cache.allocate()
     gate = gate_map(monkeypatch, vm, 41)    # the first look-ahead map
     cache.step_async({slot: 2000})
@@ -353,13 +355,14 @@ def test_a_dropped_cache_with_held_look_ahead_is_released(
     base, size = cache._res.base_address, cache.layout.reservation_bytes
     alive = weakref.ref(cache)
     del cache
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:      # the hold runs out; the job lets go
-        gc.collect()
-        if alive() is None and host_mapped_bytes(base, size) == 0:
-            break
+    deadline = time.monotonic() + 4.0
+    while alive() is not None and time.monotonic() < deadline:
+        gc.collect()                        # the hold runs out; the job lets go
         time.sleep(0.01)
     assert alive() is None
+    deadline = time.monotonic() + 30        # its teardown may run on the mapper thread
+    while host_mapped_bytes(base, size) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert host_mapped_bytes(base, size) == 0
 
 

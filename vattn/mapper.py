@@ -8,10 +8,12 @@ part way undoes what the call had done, so the caller sees all or nothing.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -149,6 +151,18 @@ def _quietly(call: Callable[..., None], *args: int) -> None:
         logger.error("undo after a driver failure failed too: %s", exc)
 
 
+_ENDING: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+"""Mapper threads that tore their own cache down (a cache collected there) and are
+still finishing: joined at interpreter exit, so that finalization does not stop one
+inside a native call (which aborts the process)."""
+
+
+@atexit.register
+def _join_ending_threads() -> None:
+    for thread in list(_ENDING):
+        thread.join(timeout=10)
+
+
 HOLD_LIMIT_S = 0.1
 """The longest a paused job waits at a `checkpoint` before it goes on by itself (the
 rest of it unheld): the hold only has to cover a forward's kernel launches, and a job
@@ -242,6 +256,8 @@ class BackgroundWorker:
             self._jobs.put(None)
             if self._thread is not threading.current_thread():
                 self._thread.join()
+            else:
+                _ENDING.add(self._thread)
             self._thread = None
         self._error = None
 
