@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -203,9 +205,23 @@ def test_pending_pages_are_unmapped_by_the_mapper_thread(monkeypatch: pytest.Mon
         check_invariants(cache)
 
 
+def wait_released(alive: weakref.ref[vattn.VirtualKVCache], base: int, size: int,
+                  collected_within_s: float) -> None:
+    """Assert that a dropped cache is collected within `collected_within_s` (the mapper
+    thread drops its reference once its job ends), then that its reservation is
+    unmapped within 30 s (its teardown may run on the mapper thread)."""
+    deadline = time.monotonic() + collected_within_s
+    while alive() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert alive() is None
+    deadline = time.monotonic() + 30
+    while host_mapped_bytes(base, size) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert host_mapped_bytes(base, size) == 0
+
+
 def test_a_dropped_cache_is_released_after_step_async() -> None:
-    import gc
-    import weakref
 
     cache = small_cache()
     slot = cache.allocate()
@@ -213,15 +229,7 @@ def test_a_dropped_cache_is_released_after_step_async() -> None:
     base, size = cache._res.base_address, cache.layout.reservation_bytes
     alive = weakref.ref(cache)
     del cache
-    deadline = time.monotonic() + 30
-    while alive() is not None and time.monotonic() < deadline:
-        gc.collect()                     # the mapper thread drops its reference
-        time.sleep(0.01)
-    assert alive() is None
-    deadline = time.monotonic() + 30     # its teardown may run on the mapper thread
-    while host_mapped_bytes(base, size) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert host_mapped_bytes(base, size) == 0
+    wait_released(alive, base, size, collected_within_s=30)
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "token_major"])
@@ -339,9 +347,6 @@ def test_close_finishes_look_ahead_held_by_targets_only(
 
 def test_a_dropped_cache_with_held_look_ahead_is_released(
         monkeypatch: pytest.MonkeyPatch, vm: FaultyVM) -> None:
-    import gc
-    import weakref
-
     # 20 layers: 40 tensors, so 40 checkpoints in the look-ahead; the hold (0.2 s
     # here) runs out once for the whole job, not once a checkpoint (8 s).
     cache = small_cache(num_layers=20, read_slack=0, lookahead_tokens=64,
@@ -355,15 +360,7 @@ def test_a_dropped_cache_with_held_look_ahead_is_released(
     base, size = cache._res.base_address, cache.layout.reservation_bytes
     alive = weakref.ref(cache)
     del cache
-    deadline = time.monotonic() + 4.0
-    while alive() is not None and time.monotonic() < deadline:
-        gc.collect()                        # the hold runs out; the job lets go
-        time.sleep(0.01)
-    assert alive() is None
-    deadline = time.monotonic() + 30        # its teardown may run on the mapper thread
-    while host_mapped_bytes(base, size) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert host_mapped_bytes(base, size) == 0
+    wait_released(alive, base, size, collected_within_s=4.0)   # the hold runs out
 
 
 def test_a_look_ahead_error_surfaces_at_the_next_full_join(vm: FaultyVM) -> None:
