@@ -183,7 +183,8 @@ def probe(spinner: Spinner, shape: tuple[int, int, int, int], reps: int,
     by = {r["kind"]: r for r in rows}
     p1, d1 = by["prefill"]["one slot us"], by["decode"]["one slot us"]
     p, d = by["prefill"]["alone us"], by["decode"]["alone us"]
-    rows.append({"cell": rows[0]["cell"], "kind": "prefill + decode vs max(each @1)",
+    rows.append({**dict.fromkeys(rows[0], "-"), "cell": rows[0]["cell"],
+                 "kind": "prefill + decode vs max(each @1)",
                  "alone us": round(p + d, 1), "one slot us": round(max(p1, d1), 1),
                  "one slot / alone": round(max(p1, d1) / (p + d), 2)})
     torch.cuda.empty_cache()
