@@ -17,7 +17,13 @@ kind is not fixed by its id but picked when it starts. It reads the SM it runs o
 policy (``"proportional"``: prefill tickets in the ratio of prefill to all units, spread
 evenly; ``"50:50"``: alternate), so the programs resident on one SM at once take both
 kinds. ``"partitioned"`` instead gives each SM one kind: a share of the SMs
-(`PodTiling.decode_sms`) take decode splits, the others prefill tiles. A program then
+(`PodTiling.decode_sms`) take decode splits, the others prefill tiles. ``"paired"``
+keeps one prefill tile on each SM while they last: the SM's counter holds the prefill
+programs running on it, a program takes a prefill tile when none is (and gives its
+count back when the tile ends), a decode split otherwise; with two programs resident
+an SM, the other one decodes. The tickets of the first two policies alternate by count,
+not by time: a prefill tile lasts many decode splits, so most of the time both
+programs of an SM are prefill tiles. A program then
 claims the next unit of its kind from the kind's global counter, or of the other kind
 when that is exhausted (there is always one left: one unit per program). Counters and
 partials live in a workspace zeroed by the caller (one memset); nothing syncs with the
@@ -47,9 +53,9 @@ from vattn.kernels.decode import (
     require_runnable,
 )
 
-Policy = Literal["proportional", "50:50", "partitioned"]
-POLICIES: tuple[Policy, ...] = ("proportional", "50:50", "partitioned")
-_POLICY_CODE = {"proportional": 0, "50:50": 1, "partitioned": 2}
+Policy = Literal["proportional", "50:50", "partitioned", "paired"]
+POLICIES: tuple[Policy, ...] = ("proportional", "50:50", "partitioned", "paired")
+_POLICY_CODE = {"proportional": 0, "50:50": 1, "partitioned": 2, "paired": 3}
 
 
 @dataclass(slots=True, frozen=True)
@@ -289,11 +295,15 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets.
+    # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
+    # (paired: prefill programs running on the SM).
     sm = _smid(INTERPRETED, NUM_SM)
     total = num_prefill + num_decode
     if POLICY == 2:     # partitioned: decode_sms of the NUM_SM SMs, spread, decode first
         want_prefill = ((sm + 1) * decode_sms) // NUM_SM == (sm * decode_sms) // NUM_SM
+    elif POLICY == 3:   # paired: a prefill tile when none runs on this SM
+        want_prefill = tl.atomic_add(counters_ptr + 2 + sm, 1) == 0
+        tl.atomic_add(counters_ptr + 2 + sm, -1, mask=want_prefill == 0)
     else:
         local = tl.atomic_add(counters_ptr + 2 + sm, 1)
         if POLICY == 1:     # 50:50
@@ -305,12 +315,17 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     if unit >= tl.where(kind == 0, num_prefill, num_decode):
         kind = 1 - kind             # that kind is exhausted: the other one
         unit = tl.atomic_add(counters_ptr + kind, 1)
+    if POLICY == 3:     # a paired prefill count not spent on a prefill tile
+        tl.atomic_add(counters_ptr + 2 + sm, -1, mask=want_prefill & (kind == 1))
     if kind == 0:
         _prefill_tile(unit, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk,
                       tl.cast(prefill_slot, tl.int64), stride_qpm, stride_qph, stride_opm,
                       stride_oph, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl,
                       stride_vh, qk_scale, NUM_HEADS, NUM_HEADS // NUM_KV_HEADS, HEAD_DIM,
                       UPCAST, PRECISION, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+        if POLICY == 3:     # the tile ends: its count back (a decode program's
+            # fallback onto a prefill tile took none)
+            tl.atomic_add(counters_ptr + 2 + sm, -1, mask=want_prefill)
     else:
         _decode_split(unit, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, part_ptr,
                       lse_ptr, arrive_ptr, num_slots, max_len, stride_qdb, stride_qdh,
@@ -351,8 +366,10 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         softmax_scale: default ``D ** -0.5``.
         policy: ``"50:50"`` (default: the best of the three on an H200, `vattn bench
             pod` and `tune_pod.py`) or ``"proportional"``, how each SM's programs
-            alternate between prefill and decode units; or ``"partitioned"``, each SM
-            taking one kind first (`PodTiling.decode_sms` of them decode).
+            alternate between prefill and decode units; ``"partitioned"``, each SM
+            taking one kind first (`PodTiling.decode_sms` of them decode); or
+            ``"paired"``, one prefill tile running on each SM at a time while they
+            last, its other program decoding.
         tiling: default `PodTiling()`.
         max_decode_len: an upper bound on `decode_seqlens` (default ``Lmax``), as
             FlashAttention's ``max_seqlen_k``: the decodes are cut into

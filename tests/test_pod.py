@@ -14,7 +14,7 @@ import torch
 from tests.test_kernels import DEVICE, HKV, D, _ints, fill, make_cache, reference, relative_error
 from vattn import InvalidArgument
 from vattn.kernels import decode_attention, pod_attention
-from vattn.kernels.pod import PodTiling
+from vattn.kernels.pod import POLICIES, PodTiling
 
 SMALL = PodTiling(block_m=16, block_n=16, decode_block_n=16, split=32)  # many units
 
@@ -56,7 +56,7 @@ def hybrid(dtype: torch.dtype, layout: str, prefix: int, chunk: int, lengths: li
     return cache, k, v, qp, qd, slots
 
 
-@pytest.mark.parametrize("policy", ["proportional", "50:50", "partitioned"])
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("layout,dtype", [("per_layer", torch.bfloat16),
                                           ("token_major", torch.float16),
                                           ("per_layer", torch.float32)])
@@ -131,6 +131,44 @@ def test_pod_with_only_one_kind_of_work_and_preallocated_outputs() -> None:
         cache.close()
 
 
+def paired_counts(monkeypatch: pytest.MonkeyPatch, *args: object,
+                  **kwargs: object) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor]]:
+    """`pod_attention(*args, policy="paired", **kwargs)`, and its per-SM counters (the
+    prefill programs running on each SM) after the launch."""
+    made: list[torch.Tensor] = []
+    zeros = torch.zeros
+
+    def spy(*shape: object, **options: object) -> torch.Tensor:
+        out = zeros(*shape, **options)  # type: ignore[call-overload]
+        made.append(out)
+        return out
+
+    monkeypatch.setattr(torch, "zeros", spy)
+    outs = pod_attention(*args, policy="paired", **kwargs)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    work = next(t for t in made if t.dtype == torch.int32)    # counters, arrivals, partials
+    sms = torch.cuda.get_device_properties(work.device).multi_processor_count \
+        if work.is_cuda else 2
+    return work[2:2 + sms].tolist(), outs
+
+
+def test_paired_gives_back_every_prefill_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every count a paired program takes is given back: by a prefill tile when it ends,
+    at once when its SM already runs one, or when the prefill tiles have run out."""
+    torch.manual_seed(6)
+    prefix, chunk, lengths = 30, 50, [40, 97, -1]
+    cache, k, v, qp, qd, slots = hybrid(torch.float16, "per_layer", prefix, chunk, lengths)
+    try:
+        counts, (op, od) = paired_counts(monkeypatch, qp, qd, k, v, 0, prefix,
+                                         _ints(lengths), _ints(slots), tiling=SMALL)
+        assert counts == [0] * len(counts) and counts
+        assert worst_row_error(op, causal_reference(qp, k, v, 0, prefix, D ** -0.5)) < 1e-2
+        assert worst_row_error(od, reference(qd, k, v, lengths, slots, [0] * 3,
+                                             D ** -0.5)) < 1e-2
+    finally:
+        cache.close()
+
+
 @pytest.mark.parametrize("change,message", [
     ("policy", "policy must be one of"),
     ("heads", "same Hq and D"),
@@ -175,9 +213,10 @@ def test_tiling_is_validated() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefix,chunk,batch,context", [
     (0, 512, 8, 4096), (4096, 1024, 32, 16384), (16384, 2048, 64, 4096), (1000, 333, 5, 9000)])
-def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int) -> None:
-    """Llama-3-8B heads (32 / 8 / 128), bf16: against the separate kernels and, on a
-    sample of rows, the float32 reference."""
+def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama-3-8B heads (32 / 8 / 128), bf16, every policy: against the separate kernels
+    and, on a sample of rows, the float32 reference; paired gives back every count."""
     from vattn.kernels import flash_attention
 
     torch.manual_seed(prefix + chunk)
@@ -189,17 +228,23 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int)
     qd = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     lengths = torch.randint(1, context + 1, (batch,), device="cuda", dtype=torch.int32)
     slots = torch.arange(1, batch + 1, device="cuda", dtype=torch.int32)
-    op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots)
     alone = decode_attention(qd, k, v, lengths, slots)
     flash = flash_attention(qp[None], k, v, torch.tensor([prefix + chunk], device="cuda",
                                                             dtype=torch.int32),
                             slots=torch.zeros(1, device="cuda", dtype=torch.int32),
                             causal=True).out[0]
-    assert relative_error(od, alone.float()) < 1e-2
-    assert relative_error(op, flash.float()) < 1e-2
     rows = torch.randperm(chunk)[:16].tolist()
     ref = causal_reference(qp, k, v, 0, prefix, d ** -0.5)
-    assert relative_error(op[rows], ref[rows]) < 1e-2
+    for policy in POLICIES:
+        if policy == "paired":
+            counts, (op, od) = paired_counts(monkeypatch, qp, qd, k, v, 0, prefix, lengths,
+                                             slots)
+            assert counts == [0] * len(counts), counts
+        else:
+            op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots, policy=policy)
+        assert relative_error(od, alone.float()) < 1e-2, policy
+        assert relative_error(op, flash.float()) < 1e-2, policy
+        assert relative_error(op[rows], ref[rows]) < 1e-2, policy
 
 
 @pytest.mark.gpu

@@ -39,13 +39,14 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vattn.kernels.pod import POLICIES
+
     parser.add_argument("--device", default=None, help="cuda[:N] (cpu: one tiny cell)")
     parser.add_argument("--chunks", default="512,1024,2048")
     parser.add_argument("--prefixes", default="0,4096,16384")
     parser.add_argument("--batches", default="8,32,64", help="decode requests")
     parser.add_argument("--contexts", default="4096,16384", help="decode context")
-    parser.add_argument("--policy", choices=("proportional", "50:50", "partitioned"),
-                        default="50:50")
+    parser.add_argument("--policy", choices=POLICIES, default="50:50")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--plot", default=None, help="PNG: heat map of POD's speedups")
