@@ -364,7 +364,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         decode_slots: ``[B]``, the slot each decode reads (default row ``b``: slot
             ``b``); a slot out of range reads nothing (zero output).
         softmax_scale: default ``D ** -0.5``.
-        policy: ``"50:50"`` (default: the best of the three on an H200, `vattn bench
+        policy: ``"50:50"`` (default: the best of the four on an H200, `vattn bench
             pod` and `tune_pod.py`) or ``"proportional"``, how each SM's programs
             alternate between prefill and decode units; ``"partitioned"``, each SM
             taking one kind first (`PodTiling.decode_sms` of them decode); or
