@@ -9,7 +9,8 @@
 - `paged_decode_attention`: the same decode kernel behind a block table (the ablation's
   paged baseline, vLLM's block layout).
 - `pod_attention`: a prefill chunk and many decodes in one launch, prefill tiles and
-  decode splits handed out at run time so both kinds share every SM (POD-Attention).
+  decode splits handed out at run time so both kinds share every SM (POD-Attention).; `pod_units`
+  counts its programs (for its diagnostic trace).
 
 Never import this folder as a top-level `kernels`: transformers probes for an unrelated
 package of that name.
@@ -30,8 +31,8 @@ from vattn.kernels.append import append_kv  # noqa: E402
 from vattn.kernels.decode import Tiling, decode_attention, default_tiling, num_splits_for  # noqa: E402
 from vattn.kernels.flash import FlashResult, available_backends, flash_attention  # noqa: E402
 from vattn.kernels.paged import paged_decode_attention  # noqa: E402
-from vattn.kernels.pod import PodTiling, pod_attention  # noqa: E402
+from vattn.kernels.pod import PodTiling, pod_attention, pod_units  # noqa: E402
 
 __all__ = ["FlashResult", "Tiling", "append_kv", "available_backends", "decode_attention",
            "default_tiling", "flash_attention", "num_splits_for", "paged_decode_attention",
-           "PodTiling", "pod_attention"]
+           "PodTiling", "pod_attention", "pod_units"]

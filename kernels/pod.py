@@ -103,6 +103,16 @@ def _smid(INTERPRETED: tl.constexpr, NUM_SM: tl.constexpr):  # type: ignore[no-u
 
 
 @triton.jit
+def _now(INTERPRETED: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The GPU's nanosecond clock (``%globaltimer``); 0 in the interpreter."""
+    if INTERPRETED:
+        return tl.program_id(0).to(tl.int64) * 0
+    else:
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [],
+                                         dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def _prefill_tile(  # type: ignore[no-untyped-def]
     tile, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk, slot,
     stride_qm, stride_qh, stride_om, stride_oh,
@@ -283,7 +293,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
 @triton.jit
 def _pod_kernel(  # type: ignore[no-untyped-def]
     qp_ptr, op_ptr, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr,
-    part_ptr, lse_ptr, counters_ptr, arrive_ptr,
+    part_ptr, lse_ptr, counters_ptr, arrive_ptr, trace_ptr,
     prefix, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len, decode_sms,
     stride_qpm, stride_qph, stride_opm, stride_oph,
     stride_qdb, stride_qdh, stride_odb, stride_odh,
@@ -293,10 +303,12 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     NUM_SM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, TRACE: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
     # (paired: prefill programs running on the SM).
+    if TRACE:
+        started = _now(INTERPRETED)
     sm = _smid(INTERPRETED, NUM_SM)
     total = num_prefill + num_decode
     if POLICY == 2:     # partitioned: decode_sms of the NUM_SM SMs, spread, decode first
@@ -333,6 +345,13 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
                       INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D)
+    if TRACE:
+        row = trace_ptr + tl.program_id(0).to(tl.int64) * 5
+        tl.store(row, started)
+        tl.store(row + 1, _now(INTERPRETED))
+        tl.store(row + 2, sm.to(tl.int64))
+        tl.store(row + 3, kind.to(tl.int64))
+        tl.store(row + 4, unit.to(tl.int64))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -348,6 +367,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
                   tiling: PodTiling | None = None, max_decode_len: int | None = None,
                   out_prefill: torch.Tensor | None = None,
                   out_decode: torch.Tensor | None = None,
+                  trace: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """A prefill chunk's causal attention and many decodes' attention, in one launch.
 
@@ -376,6 +396,11 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
             ``ceil(max_decode_len / split)`` splits each, and longer lengths are
             clamped to it. A host int: a CUDA graph replays the captured value.
         out_prefill, out_decode: outputs to write into (CUDA graphs).
+        trace: a diagnostic, int64 ``[units, 5]`` on the queries' device (`pod_units`
+            gives the units): one row per program, its start and end on the GPU's
+            nanosecond clock (``%globaltimer``; 0 in the interpreter), its SM, its kind
+            (0 a prefill tile, 1 a decode split) and which tile or split of that kind.
+            Compiled separately: a launch without it carries no clock reads.
 
     Returns ``(out_prefill [chunk, Hq, D], out_decode [B, Hq, D])``, q's dtype; equal
     within rounding to `flash_attention` on the chunk and `decode_attention` on the
@@ -392,6 +417,14 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
             raise InvalidArgument(f"max_decode_len must be an int >= 1, got "
                                   f"{max_decode_len!r}")
         max_len = min(max_len, max_decode_len)
+    num_prefill, num_decode = pod_units(chunk, num_heads, batch, num_kv_heads, max_len,
+                                        tiling)
+    if trace is not None and (trace.dtype != torch.int64 or trace.device != q_decode.device
+                              or trace.shape != (num_prefill + num_decode, 5)
+                              or not trace.is_contiguous()):
+        raise InvalidArgument(f"trace must be a contiguous int64 [{num_prefill + num_decode},"
+                              f" 5] tensor on {q_decode.device}, got {tuple(trace.shape)} "
+                              f"{trace.dtype} on {trace.device}")
     out_prefill = _out(out_prefill, q_prefill, "out_prefill")
     out_decode = _out(out_decode, q_decode, "out_decode")
     if chunk == 0 and batch == 0:
@@ -406,8 +439,6 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(group))
     num_splits = triton.cdiv(max_len, tiling.split)
-    num_decode = batch * num_kv_heads * num_splits
-    num_prefill = triton.cdiv(chunk, tiling.block_m) * num_heads
     sms = _num_sms(dev)
     # One workspace, one memset: counters, arrivals, then the partials.
     ints = 2 + sms + batch * num_kv_heads
@@ -424,6 +455,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     _pod_kernel[(num_prefill + num_decode,)](
         q_prefill, out_prefill, q_decode, out_decode, k_cache, v_cache,
         lens_arg, slots_arg, part, lse, counters, arrive,
+        trace if trace is not None else counters,
         prefix_len, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,
         round(tiling.decode_sms * sms),
         q_prefill.stride(0), q_prefill.stride(1), out_prefill.stride(0), out_prefill.stride(1),
@@ -437,9 +469,19 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         PRECISION="ieee" if q_decode.dtype == torch.float32 else None,
         INTERPRETED=interpreted, SPLIT=tiling.split, BLOCK_M=tiling.block_m,
         BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_ND=tiling.decode_block_n,
-        BLOCK_D=block_d,
+        BLOCK_D=block_d, TRACE=trace is not None,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return out_prefill, out_decode
+
+
+def pod_units(chunk: int, num_heads: int, batch: int, num_kv_heads: int,
+              max_decode_len: int, tiling: PodTiling | None = None) -> tuple[int, int]:
+    """``(prefill tiles, decode splits)`` of a `pod_attention` launch, one program
+    each: ``ceil(chunk / block_m)`` per query head, and ``ceil(max_decode_len / split)``
+    per decode and KV head (`max_decode_len`: the launch's bound, at most ``Lmax``)."""
+    tiling = tiling or PodTiling()
+    return (triton.cdiv(chunk, tiling.block_m) * num_heads,
+            batch * num_kv_heads * triton.cdiv(max_decode_len, tiling.split))
 
 
 def _out(out: torch.Tensor | None, q: torch.Tensor, name: str) -> torch.Tensor:

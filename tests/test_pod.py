@@ -13,7 +13,7 @@ import torch
 
 from tests.test_kernels import DEVICE, HKV, D, _ints, fill, make_cache, reference, relative_error
 from vattn import InvalidArgument
-from vattn.kernels import decode_attention, pod_attention
+from vattn.kernels import decode_attention, pod_attention, pod_units
 from vattn.kernels.pod import POLICIES, PodTiling
 
 SMALL = PodTiling(block_m=16, block_n=16, decode_block_n=16, split=32)  # many units
@@ -169,6 +169,47 @@ def test_paired_gives_back_every_prefill_count(monkeypatch: pytest.MonkeyPatch) 
         cache.close()
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_trace_has_a_row_for_every_program(policy: str) -> None:
+    check_trace(policy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["50:50", "paired"])
+def test_the_trace_on_the_gpu(policy: str) -> None:
+    check_trace(policy)
+
+
+def check_trace(policy: str) -> None:
+    """One row a program: every prefill tile and decode split ran once, each on an SM
+    of the device, and the outputs are those of the launch without a trace."""
+    torch.manual_seed(7)
+    prefix, chunk, lengths = 20, 40, [9, 70, -1]
+    cache, k, v, qp, qd, slots = hybrid(torch.float16, "token_major", prefix, chunk, lengths)
+    try:
+        args = (qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots))
+        num_prefill, num_decode = pod_units(chunk, qp.shape[1], len(lengths), HKV,
+                                            k.shape[1], SMALL)
+        trace = torch.full((num_prefill + num_decode, 5), -1, dtype=torch.int64,
+                           device=DEVICE)
+        op, od = pod_attention(*args, policy=policy, tiling=SMALL,  # type: ignore[arg-type]
+                               trace=trace)
+        plain_p, plain_d = pod_attention(*args, policy=policy,  # type: ignore[arg-type]
+                                         tiling=SMALL)
+        assert torch.equal(op, plain_p) and torch.equal(od, plain_d)
+        start, end, sm, kind, unit = trace.cpu().T
+        assert sorted(unit[kind == 0].tolist()) == list(range(num_prefill))
+        assert sorted(unit[kind == 1].tolist()) == list(range(num_decode))
+        sms = (torch.cuda.get_device_properties(DEVICE).multi_processor_count
+               if DEVICE == "cuda" else 2)
+        assert sm.min() >= 0 and sm.max() < sms
+        assert (end >= start).all() and (start >= 0).all()
+        if DEVICE == "cuda":                # the clock runs: one launch, within a second
+            assert start.min() > 0 and end.max() - start.min() < 10**9
+    finally:
+        cache.close()
+
+
 @pytest.mark.parametrize("change,message", [
     ("policy", "policy must be one of"),
     ("heads", "same Hq and D"),
@@ -177,6 +218,7 @@ def test_paired_gives_back_every_prefill_count(monkeypatch: pytest.MonkeyPatch) 
     ("slot", "prefill_slot must be an int"),
     ("lens", "decode_seqlens must be"),
     ("bound", "max_decode_len must be an int >= 1"),
+    ("trace", "trace must be a contiguous int64"),
 ])
 def test_pod_refuses_bad_input(change: str, message: str) -> None:
     q = torch.randn(4, 4, D, device=DEVICE, dtype=torch.float16)
@@ -195,6 +237,8 @@ def test_pod_refuses_bad_input(change: str, message: str) -> None:
         args["prefill_slot"] = 3
     elif change == "bound":
         args["max_decode_len"] = 0
+    elif change == "trace":
+        args["trace"] = torch.zeros(3, 5, dtype=torch.int64, device=DEVICE)   # too few rows
     else:
         args["decode_seqlens"] = _ints([3])
     with pytest.raises(InvalidArgument, match=message):
