@@ -30,9 +30,12 @@ CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
 def tilings(grid: str) -> list[PodTiling]:
     """``full``: prefill K/V tile x decode K/V tile x stages, then the decode split, at
     64-token query blocks and 4 warps (8 warps and 128-token query blocks lose: one
-    program per SM); ``quick``: the default only."""
+    program per SM); ``stages``: the decode split's pipelining depth (1, 2, and the
+    default 3); ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
+    if grid == "stages":
+        return [PodTiling(decode_stages=1), PodTiling(decode_stages=2)]
     return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
             for n, nd, st in ((64, 32, 3), (64, 64, 3), (64, 128, 3), (64, 128, 2),
                               (32, 64, 4), (32, 64, 3))] + [
@@ -41,7 +44,7 @@ def tilings(grid: str) -> list[PodTiling]:
 
 def _name(t: PodTiling) -> str:
     return (f"m{t.block_m} n{t.block_n} nd{t.decode_block_n} s{t.split} w{t.num_warps} "
-            f"st{t.num_stages}")
+            f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else ""))
 
 
 def _graph_us(fn: Any, repeats: int) -> float:
@@ -116,7 +119,7 @@ def _cells(text: str | None) -> list[tuple[int, int, int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", choices=("full", "quick"), default="full")
+    parser.add_argument("--grid", choices=("full", "stages", "quick"), default="full")
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cells", default=None,

@@ -72,6 +72,9 @@ class PodTiling:
     """Tokens per decode split (a multiple of `decode_block_n`)."""
     num_warps: int = 4
     num_stages: int = 3
+    decode_stages: int | None = None
+    """Software-pipelining depth of a decode split's tile loop (default `num_stages`);
+    1 loads its K/V tiles without staging buffers."""
     decode_sms: float = 0.5
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
@@ -86,8 +89,9 @@ class PodTiling:
                              f"({self.decode_block_n}), got {self.split}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.num_stages < 1 or (self.decode_stages is not None and self.decode_stages < 1):
+            raise ValueError(f"num_stages and decode_stages must be >= 1, got "
+                             f"{self.num_stages} and {self.decode_stages}")
         if not 0.0 <= self.decode_sms <= 1.0:
             raise ValueError(f"decode_sms must be in [0, 1], got {self.decode_sms}")
 
@@ -216,6 +220,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
     a partial over its tokens; the last of the request's live splits (those holding
@@ -259,7 +264,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
                     PRECISION, BLOCK_N, BLOCK_D)
                 block += 1
         else:
-            for block in range(0, last_block):
+            for block in tl.range(0, last_block, num_stages=STAGES):
                 m_i, l_i, acc = _attend_block(
                     q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
                     stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
@@ -303,7 +308,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     NUM_SM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
-    BLOCK_D: tl.constexpr, TRACE: tl.constexpr,
+    BLOCK_D: tl.constexpr, DECODE_STAGES: tl.constexpr, TRACE: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
     # (paired: prefill programs running on the SM).
@@ -344,7 +349,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       stride_odb, stride_odh, stride_kb, stride_kl, stride_kh, stride_vb,
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
-                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D)
+                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES)
     if TRACE:
         row = trace_ptr + tl.program_id(0).to(tl.int64) * 5
         tl.store(row, started)
@@ -470,6 +475,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         INTERPRETED=interpreted, SPLIT=tiling.split, BLOCK_M=tiling.block_m,
         BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_ND=tiling.decode_block_n,
         BLOCK_D=block_d, TRACE=trace is not None,
+        DECODE_STAGES=tiling.decode_stages or tiling.num_stages,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return out_prefill, out_decode
 

@@ -252,6 +252,24 @@ def test_tiling_is_validated() -> None:
         PodTiling(block_m=48)
     with pytest.raises(ValueError, match="decode_sms must be in"):
         PodTiling(decode_sms=1.5)
+    with pytest.raises(ValueError, match="decode_stages must be >= 1"):
+        PodTiling(decode_stages=0)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_decode_stages_leave_the_result_alone(stages: int) -> None:
+    torch.manual_seed(8)
+    prefix, chunk, lengths = 12, 30, [5, 90, -1]
+    cache, k, v, qp, qd, slots = hybrid(torch.bfloat16, "per_layer", prefix, chunk, lengths)
+    try:
+        tiling = PodTiling(decode_block_n=16, split=32, decode_stages=stages)
+        op, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
+                               tiling=tiling)
+        assert worst_row_error(od, reference(qd, k, v, lengths, slots, [0] * 3,
+                                             D ** -0.5)) < 1e-2
+        assert worst_row_error(op, causal_reference(qp, k, v, 0, prefix, D ** -0.5)) < 1e-2
+    finally:
+        cache.close()
 
 
 @pytest.mark.gpu
