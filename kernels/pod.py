@@ -75,7 +75,7 @@ class PodTiling:
     decode_stages: int | None = None
     """Software-pipelining depth of a decode split's tile loop (default `num_stages`);
     1 loads its K/V tiles without staging buffers. On an H200, 1 and 2 made the
-    decodes 9-45% slower and the fused launch no better (docs/benchmarks.md)."""
+    decodes 9-88% slower and the fused launch no better (docs/benchmarks.md)."""
     decode_sms: float = 0.5
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
