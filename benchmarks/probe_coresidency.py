@@ -197,18 +197,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    common.require_cuda(torch.device("cuda"), "probe_coresidency")
-    header = common.device_environment(torch.device("cuda"))
-    print(common.header_line(header))
+    header = common.script_header("probe_coresidency")
     torch.zeros(1, device="cuda")             # torch's context, current on this thread
     spinner = Spinner()
     print(f"SMs {spinner.sms}, shared memory an SM {spinner.sm_bytes} B, a block at most "
           f"{spinner.block_max} B, reserved a block {spinner.reserved} B")
-    rows: list[dict[str, Any]] = []
-    for shape in CELLS:
-        mine = probe(spinner, shape, args.reps, args.rounds)
-        rows += mine
-        print("\n" + common.markdown_table(mine), flush=True)
+    rows = common.tables_per_cell(CELLS, lambda shape: probe(spinner, shape, args.reps,
+                                                             args.rounds))
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
 

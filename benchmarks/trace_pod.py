@@ -114,14 +114,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    common.require_cuda(torch.device("cuda"), "trace_pod")
-    header = common.device_environment(torch.device("cuda"))
-    print(common.header_line(header))
-    rows: list[dict[str, Any]] = []
-    for shape in CELLS:
-        mine = probe(shape, args.policies.split(","), args.repeats)
-        rows += mine
-        print("\n" + common.markdown_table(mine), flush=True)
+    header = common.script_header("trace_pod")
+    rows = common.tables_per_cell(CELLS, lambda shape: probe(
+        shape, args.policies.split(","), args.repeats))
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
 

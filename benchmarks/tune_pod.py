@@ -127,18 +127,13 @@ def main() -> None:
                              "CHUNK:PREFIX:BATCH:CONTEXT,...; default four cells")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    common.require_cuda(torch.device("cuda"), "tune_pod")
-    header = common.device_environment(torch.device("cuda"))
-    print(common.header_line(header))
+    header = common.script_header("tune_pod")
     configs = tilings(args.grid)
     if PodTiling() not in configs:
         configs.append(PodTiling())
-    rows: list[dict[str, Any]] = []
-    for shape in _cells(args.cells):
-        mine = sorted(sweep(shape, configs, args.policies.split(","), args.repeats),
-                      key=lambda r: r["pod us"])
-        rows += mine
-        print("\n" + common.markdown_table(mine), flush=True)
+    rows = common.tables_per_cell(_cells(args.cells), lambda shape: sorted(
+        sweep(shape, configs, args.policies.split(","), args.repeats),
+        key=lambda r: r["pod us"]))
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
 

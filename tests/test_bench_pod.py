@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vattn import InvalidArgument
+from vattn.bench import common
 from vattn.bench.pod import Cell, _ints, summary
 from vattn.cli import main
 
@@ -46,6 +47,21 @@ def test_bench_pod_runs_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped
     assert len(data["rows"]) == 1 and data["rows"][0]["pod us"] > 0
     assert set(data["summary"]) >= {"geomean vs back-to-back", "min vs two streams"}
     assert (tmp_path / "pod.png").stat().st_size > 0
+
+
+def test_bench_pod_takes_the_paired_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "pod", "--device", "cpu", "--repeats", "1", "--policy",
+                 "paired"]) == 0
+    assert "geomean vs back-to-back" in capsys.readouterr().out
+
+
+def test_the_gpu_scripts_print_a_table_per_cell(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = common.tables_per_cell([1, 2], lambda cell: [{"cell": cell, "twice": 2 * cell}])
+    assert rows == [{"cell": 1, "twice": 2}, {"cell": 2, "twice": 4}]
+    assert capsys.readouterr().out.count("| cell | twice |") == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgument, match="trace_pod needs a CUDA device"):
+            common.script_header("trace_pod")
 
 
 def test_bench_pod_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,13 +14,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 import vattn
 from vattn.driver import open_backend
 from vattn.errors import InvalidArgument
+
+T = TypeVar("T")
 
 
 def _version(package: str) -> str:
@@ -73,6 +75,28 @@ def header_line(header: dict[str, str]) -> str:
 def require_cuda(device: torch.device, bench: str) -> None:
     if device.type != "cuda":
         raise InvalidArgument(f"vattn bench {bench} needs a CUDA device, got {str(device)!r}")
+
+
+def script_header(name: str) -> dict[str, str]:
+    """For a GPU script under benchmarks/: CUDA required, the environment printed as
+    the first line, and returned (for its JSON)."""
+    if not torch.cuda.is_available():
+        raise InvalidArgument(f"{name} needs a CUDA device; torch sees none")
+    header = device_environment(torch.device("cuda"))
+    print(header_line(header))
+    return header
+
+
+def tables_per_cell(cells: Sequence[T], measure: Callable[[T], list[dict[str, Any]]],
+                    ) -> list[dict[str, Any]]:
+    """`measure` each cell in turn, its rows printed as a table once measured; all the
+    rows."""
+    rows: list[dict[str, Any]] = []
+    for cell in cells:
+        mine = measure(cell)
+        rows += mine
+        print("\n" + markdown_table(mine), flush=True)
+    return rows
 
 
 @contextmanager
