@@ -21,9 +21,10 @@ kinds. ``"partitioned"`` instead gives each SM one kind: a share of the SMs
 keeps one prefill tile on each SM while they last: the SM's counter holds the prefill
 programs running on it, a program takes a prefill tile when none is (and gives its
 count back when the tile ends), a decode split otherwise; with two programs resident
-an SM, the other one decodes. The tickets of the first two policies alternate by count,
-not by time: a prefill tile lasts many decode splits, so most of the time both
-programs of an SM are prefill tiles. A program then
+on an SM, the other one decodes. The tickets of the first two policies alternate by
+count, not by time, and a prefill tile lasts as long as many decode splits: in a
+traced balanced batch under ``"50:50"`` about half the prefill tiles and three
+quarters of the decode splits ran beside their own kind. A program then
 claims the next unit of its kind from the kind's global counter, or of the other kind
 when that is exhausted (there is always one left: one unit per program). Counters and
 partials live in a workspace zeroed by the caller (one memset); nothing syncs with the

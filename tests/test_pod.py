@@ -143,9 +143,9 @@ def paired_counts(monkeypatch: pytest.MonkeyPatch, *args: object,
         made.append(out)
         return out
 
-    monkeypatch.setattr(torch, "zeros", spy)
-    outs = pod_attention(*args, policy="paired", **kwargs)  # type: ignore[arg-type]
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "zeros", spy)
+        outs = pod_attention(*args, policy="paired", **kwargs)  # type: ignore[arg-type]
     work = next(t for t in made if t.dtype == torch.int32)    # counters, arrivals, partials
     sms = torch.cuda.get_device_properties(work.device).multi_processor_count \
         if work.is_cuda else 2
