@@ -222,7 +222,6 @@ def wait_released(alive: weakref.ref[vattn.VirtualKVCache], base: int, size: int
 
 
 def test_a_dropped_cache_is_released_after_step_async() -> None:
-
     cache = small_cache()
     slot = cache.allocate()
     cache.step_async({slot: 5000})
