@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -197,13 +198,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    header = common.script_header("probe_coresidency")
+    emit = functools.partial(print, flush=True)
+    header = common.script_header("probe_coresidency", emit)
     torch.zeros(1, device="cuda")             # torch's context, current on this thread
     spinner = Spinner()
     print(f"SMs {spinner.sms}, shared memory an SM {spinner.sm_bytes} B, a block at most "
           f"{spinner.block_max} B, reserved a block {spinner.reserved} B")
     rows = common.tables_per_cell(CELLS, lambda shape: probe(spinner, shape, args.reps,
-                                                             args.rounds))
+                                                             args.rounds), emit)
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
 

@@ -16,6 +16,7 @@ tile, and by how much. Each launch is traced 5 times; a unit's time is its media
 from __future__ import annotations
 
 import argparse
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -114,9 +115,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    header = common.script_header("trace_pod")
+    emit = functools.partial(print, flush=True)
+    header = common.script_header("trace_pod", emit)
     rows = common.tables_per_cell(CELLS, lambda shape: probe(
-        shape, args.policies.split(","), args.repeats))
+        shape, args.policies.split(","), args.repeats), emit)
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
@@ -127,13 +128,14 @@ def main() -> None:
                              "CHUNK:PREFIX:BATCH:CONTEXT,...; default four cells")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    header = common.script_header("tune_pod")
+    emit = functools.partial(print, flush=True)
+    header = common.script_header("tune_pod", emit)
     configs = tilings(args.grid)
     if PodTiling() not in configs:
         configs.append(PodTiling())
     rows = common.tables_per_cell(_cells(args.cells), lambda shape: sorted(
         sweep(shape, configs, args.policies.split(","), args.repeats),
-        key=lambda r: r["pod us"]))
+        key=lambda r: r["pod us"]), emit)
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows})
 

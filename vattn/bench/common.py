@@ -77,25 +77,25 @@ def require_cuda(device: torch.device, bench: str) -> None:
         raise InvalidArgument(f"vattn bench {bench} needs a CUDA device, got {str(device)!r}")
 
 
-def script_header(name: str) -> dict[str, str]:
-    """For a GPU script under benchmarks/: CUDA required, the environment printed as
-    the first line, and returned (for its JSON)."""
+def script_header(name: str, emit: Callable[[str], None]) -> dict[str, str]:
+    """For a GPU script under benchmarks/: CUDA required, the environment shown as the
+    first line (`emit`), and returned (for its JSON)."""
     if not torch.cuda.is_available():
         raise InvalidArgument(f"{name} needs a CUDA device; torch sees none")
     header = device_environment(torch.device("cuda"))
-    print(header_line(header))
+    emit(header_line(header))
     return header
 
 
 def tables_per_cell(cells: Sequence[T], measure: Callable[[T], list[dict[str, Any]]],
-                    ) -> list[dict[str, Any]]:
-    """`measure` each cell in turn, its rows printed as a table once measured; all the
-    rows."""
+                    emit: Callable[[str], None]) -> list[dict[str, Any]]:
+    """`measure` each cell in turn, its rows shown (`emit`) as a table once measured;
+    all the rows."""
     rows: list[dict[str, Any]] = []
     for cell in cells:
         mine = measure(cell)
         rows += mine
-        print("\n" + markdown_table(mine), flush=True)
+        emit("\n" + markdown_table(mine))
     return rows
 
 
