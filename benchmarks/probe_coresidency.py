@@ -202,7 +202,7 @@ def main() -> None:
     header = common.script_header("probe_coresidency", emit)
     torch.zeros(1, device="cuda")             # torch's context, current on this thread
     spinner = Spinner()
-    print(f"SMs {spinner.sms}, shared memory an SM {spinner.sm_bytes} B, a block at most "
+    emit(f"SMs {spinner.sms}, shared memory an SM {spinner.sm_bytes} B, a block at most "
           f"{spinner.block_max} B, reserved a block {spinner.reserved} B")
     rows = common.tables_per_cell(CELLS, lambda shape: probe(spinner, shape, args.reps,
                                                              args.rounds), emit)
