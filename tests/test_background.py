@@ -267,13 +267,22 @@ def vm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyVM]:
     yield vm
 
 
-def gate_map(monkeypatch: pytest.MonkeyPatch, vm: FaultyVM, nth: int) -> threading.Event:
-    """From now on the `nth` call of `vm.map` blocks until the returned event is set."""
-    gate, calls, inner = threading.Event(), [0], vm.map
+class Gate(threading.Event):
+    """Set to let the gated call go; `reached` is set once the call is waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached = threading.Event()
+
+
+def gate_map(monkeypatch: pytest.MonkeyPatch, vm: FaultyVM, nth: int) -> Gate:
+    """From now on the `nth` call of `vm.map` blocks until the returned gate is set."""
+    gate, calls, inner = Gate(), [0], vm.map
 
     def gated(address: int, size_bytes: int, handle: int) -> None:
         calls[0] += 1
         if calls[0] == nth:
+            gate.reached.set()
             assert gate.wait(10), "the test never opened the gate"
         inner(address, size_bytes, handle)
 
@@ -294,8 +303,11 @@ def test_targets_only_returns_once_the_targets_pages_are_mapped(
         cache._res.worker.hold_limit_s = 10    # no going on by itself within the test
         # Page 0 is needed (4 map calls, one a tensor), page 1 is ahead of need: the 5th
         # map call, the first of the look-ahead, blocks.
-        gate = gate_map(monkeypatch, vm, 5)
+        gate, start = gate_map(monkeypatch, vm, 5), vm.calls["map"]
         cache.step_async({slot: 2000})
+        # The job is inside that map, past the checkpoint before tensor 0, before the
+        # hold begins (a hold begun earlier would hold tensor 0's page too).
+        assert gate.reached.wait(10)
         cache.wait(targets_only=True)
         assert cache._res.worker.busy and len(cache._res.rows[slot]) == 1
         k, v = cache.kv(1)
@@ -304,10 +316,10 @@ def test_targets_only_returns_once_the_targets_pages_are_mapped(
         v[slot, :2000] = data
         gate.set()                          # tensor 0's look-ahead page maps; then the
         deadline = time.monotonic() + 10    # rest is held until the next join
-        while vm.calls["map"] < 5 and time.monotonic() < deadline:
+        while vm.calls["map"] < start + 5 and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.1)                     # were it not held, tensor 1's map came now
-        assert cache._res.worker.busy and vm.calls["map"] == 5
+        assert cache._res.worker.busy and vm.calls["map"] == start + 5
         cache.wait()                        # joins (and resumes) the look-ahead
         assert cache.capacity(slot) == 4096 and len(cache._res.rows[slot]) == 2
         assert torch.equal(k[slot, :2000], data) and torch.equal(v[slot, :2000], data)
