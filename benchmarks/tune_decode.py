@@ -2,7 +2,10 @@
 the shapes of `vattn bench decode`, GPU time from CUDA-graph replays over a cold L2.
 
 With ``--token-major 32`` the K/V are the per-layer views of one
-``[B, context, 32, Hkv, D]`` tensor each, the strides of the `token_major` layout.
+``[B, context, 32, Hkv, D]`` tensor each, the strides of the `token_major` layout. With
+``--cache LAYOUT`` they are a `VirtualKVCache`'s own layers (32), built as `vattn bench
+decode` builds them, with its lengths (unequal: its seed): where dense tensors land
+moves their times by 11-12% (docs/benchmarks.md), the cache's do not.
 
 Each configuration's output is checked against the default tiling's before it is timed.
 Prints one Markdown table per shape (fastest first) and a summary of the best tiling
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from vattn.bench import common
-from vattn.bench.decode import layers_for_cold_l2
+from vattn.bench.decode import Workload, layers_for_cold_l2
 from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch
 from vattn.kernels.paged import paged_tiling
 
@@ -45,9 +48,16 @@ def tilings(grid: str) -> list[Tiling]:
     per request and with one flat loop (`Tiling.flat`), timed in the order A B B A so
     that a drift of the clock hits both alike (the faster of a tiling's two timings
     counts); ``pair``: the default and 64-token tiles at two programs an SM, A B B A;
-    ``quick``: the default only."""
+    ``layout``: the default and six neighbours of it, A B ... B A; ``quick``: the
+    default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "layout":
+        around = [default_tiling(128)] + [
+            Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
+            for n, w, s, p in ((64, 4, 3, 2), (64, 4, 4, 2), (128, 4, 2, 2), (64, 4, 3, 1),
+                               (128, 8, 3, 1), (32, 4, 4, 4))]
+        return around + around[::-1]
     if grid == "pair":
         a, b = default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
                                            programs_per_sm=2)
@@ -150,12 +160,47 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
     return rows
 
 
+def sweep_cache(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
+                layout: str) -> list[dict[str, Any]]:
+    """`sweep` on the layers of a `VirtualKVCache` in `layout`, with the lengths of
+    `vattn bench decode` (case b: 32 layers; unequal lengths seeded by the batch)."""
+    name, batch, num_q, num_kv, head_dim, context, equal = shape
+    gen = torch.Generator().manual_seed(batch)
+    lengths = ([context] * batch if equal else
+               torch.randint(1, context + 1, (batch,), generator=gen).tolist())
+    w = Workload("cuda", layout, num_q, num_kv, head_dim, lengths, 32)
+    try:
+        q, lens, cache = w.q, w.lens, w.cache
+        expected = launch(q, *cache.kv(0), lens, None, None, None, 0, batch, context, None,
+                          None, None, default_tiling(head_dim)).float()
+        workspace = torch.zeros(batch * num_kv, dtype=torch.int32, device="cuda")
+
+        def call(layer: int, tiling: Tiling) -> torch.Tensor:
+            return launch(q, *cache.kv(layer), lens, None, None, None, 0, batch, context,
+                          None, None, None, tiling, workspace)
+
+        rows = []
+        for tiling in configs:
+            error = ((call(0, tiling).float() - expected).norm() / expected.norm()).item()
+            if not error < 1e-2:
+                raise AssertionError(f"{name} {tiling}: relative error {error} against "
+                                     f"default")
+            seconds = common.median(common.graph_times(
+                [functools.partial(call, layer, tiling) for layer in range(32)], repeats))
+            rows.append({"shape": name, "block": "dense", "layout": f"cache {layout}",
+                         "tiling": _name(tiling), "us": round(seconds * 1e6, 1),
+                         "TB/s": round(w.kv_bytes / seconds / 1e12, 2)})
+        return rows
+    finally:
+        w.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
-                                           "pair", "quick"),
+                                           "pair", "layout", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "
@@ -164,8 +209,13 @@ def main() -> None:
                         help="time the paged twin at this block size (0: the dense kernel)")
     parser.add_argument("--token-major", type=int, default=0, metavar="LAYERS",
                         help="K/V as layer views of [B, context, LAYERS, Hkv, D] tensors")
+    parser.add_argument("--cache", choices=("per_layer", "token_major"), default=None,
+                        help="time on a VirtualKVCache in this layout (case b shapes)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.cache and (args.paged or args.token_major or args.allocations > 1):
+        raise SystemExit("--cache takes the dense kernel on the cache's own layers: "
+                         "no --paged, --token-major or --allocations")
     common.require_cuda(torch.device("cuda"), "tune_decode")
     header = common.device_environment(torch.device("cuda"))
     print(common.header_line(header))
@@ -182,8 +232,13 @@ def main() -> None:
         timed = []
         for allocation in range(args.allocations):
             spacer = torch.empty((2 * allocation + 1) << 26, dtype=torch.uint8, device="cuda")
-            again = sweep(shape, configs, args.repeats, args.paged, args.token_major,
-                          args.grid == "reduction")
+            if args.cache:
+                if not shape[0].startswith("b-"):
+                    raise SystemExit(f"--cache times case b shapes only, got {shape[0]}")
+                again = sweep_cache(shape, configs, args.repeats, args.cache)
+            else:
+                again = sweep(shape, configs, args.repeats, args.paged, args.token_major,
+                              args.grid == "reduction")
             del spacer
             torch.cuda.empty_cache()
             for row in again:
