@@ -18,6 +18,7 @@ printed, is bracketed by ``cudaProfilerStart`` / ``cudaProfilerStop``, so that
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 
 import torch
@@ -25,14 +26,16 @@ import torch
 from vattn.bench.decode import Workload
 from vattn.bench.pod import Cell
 from vattn.kernels import decode_attention, pod_attention
+from vattn.kernels.pod import Policy
 
 
 def pod_launches() -> tuple[list[tuple[str, Callable[[], object]]], Cell]:
+    """The launches (their closures hold the cell)."""
     cell = Cell(torch.device("cuda"), 1024, 4096, 32, 16384)
 
-    def fused(policy: str) -> Callable[[], object]:
+    def fused(policy: Policy) -> Callable[[], object]:
         return lambda: pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, cell.prefix,
-                                     cell.lens, cell.slots, policy=policy,  # type: ignore[arg-type]
+                                     cell.lens, cell.slots, policy=policy,
                                      max_decode_len=cell.context)
 
     return [
@@ -56,8 +59,8 @@ def decode_launches() -> tuple[list[tuple[str, Callable[[], object]]], list[Work
         w = Workload("cuda", layout, 32, 8, 128, lengths.tolist(), 2)
         space = torch.zeros(8 * 8, dtype=torch.int32, device="cuda")
         found.append((f"decode b8 unequal, {layout}",
-                      lambda w=w, space=space: decode_attention(w.q, *w.cache.kv(1), w.lens,
-                                                                workspace=space)))
+                      functools.partial(decode_attention, w.q, *w.cache.kv(1), w.lens,
+                                        workspace=space)))
         kept.append(w)
     return found, kept
 
@@ -67,11 +70,13 @@ def main() -> None:
     parser.add_argument("subjects", nargs="+", choices=("pod", "decode"))
     args = parser.parse_args()
     launches: list[tuple[str, Callable[[], object]]] = []
-    keep: list[object] = []
+    workloads: list[Workload] = []
     for subject in args.subjects:
-        found, owner = pod_launches() if subject == "pod" else decode_launches()
-        launches += found
-        keep.append(owner)
+        if subject == "pod":
+            launches += pod_launches()[0]
+        else:
+            found, workloads = decode_launches()
+            launches += found
     for _, fn in launches:          # compile and warm, unprofiled
         fn()
         fn()
@@ -83,9 +88,8 @@ def main() -> None:
         fn()
         torch.cuda.synchronize()
     cudart.cudaProfilerStop()
-    for owner in keep:
-        for w in owner if isinstance(owner, list) else []:
-            w.close()
+    for w in workloads:
+        w.close()
 
 
 if __name__ == "__main__":
