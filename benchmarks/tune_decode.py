@@ -3,7 +3,7 @@ the shapes of `vattn bench decode`, GPU time from CUDA-graph replays over a cold
 
 With ``--token-major 32`` the K/V are the per-layer views of one
 ``[B, context, 32, Hkv, D]`` tensor each, the strides of the `token_major` layout. With
-``--cache LAYOUT`` they are a `VirtualKVCache`'s own layers (32), built as `vattn bench
+``--cache LAYOUT`` they are a `VirtualKVCache`'s own layers, built as `vattn bench
 decode` builds them, with its lengths (unequal: its seed): where dense tensors land
 moves their times by 11-12% (docs/benchmarks.md), the cache's do not.
 
@@ -162,13 +162,16 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
 
 def sweep_cache(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
                 layout: str) -> list[dict[str, Any]]:
-    """`sweep` on the layers of a `VirtualKVCache` in `layout`, with the lengths of
-    `vattn bench decode` (case b: 32 layers; unequal lengths seeded by the batch)."""
+    """`sweep` on the layers of a `VirtualKVCache` in `layout`, built as `vattn bench
+    decode` builds it: case b with 32 layers and unequal lengths seeded by the batch,
+    case a with enough layers for a cold L2."""
     name, batch, num_q, num_kv, head_dim, context, equal = shape
     gen = torch.Generator().manual_seed(batch)
     lengths = ([context] * batch if equal else
                torch.randint(1, context + 1, (batch,), generator=gen).tolist())
-    w = Workload("cuda", layout, num_q, num_kv, head_dim, lengths, 32)
+    layers = (32 if name.startswith("b-") else
+              layers_for_cold_l2(2 * context * num_kv * head_dim * 2, 4))
+    w = Workload("cuda", layout, num_q, num_kv, head_dim, lengths, layers)
     try:
         q, lens, cache = w.q, w.lens, w.cache
         expected = launch(q, *cache.kv(0), lens, None, None, None, 0, batch, context, None,
@@ -186,7 +189,8 @@ def sweep_cache(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
                 raise AssertionError(f"{name} {tiling}: relative error {error} against "
                                      f"default")
             seconds = common.median(common.graph_times(
-                [functools.partial(call, layer, tiling) for layer in range(32)], repeats))
+                [functools.partial(call, layer, tiling) for layer in range(layers)],
+                repeats))
             rows.append({"shape": name, "block": "dense", "layout": f"cache {layout}",
                          "tiling": _name(tiling), "us": round(seconds * 1e6, 1),
                          "TB/s": round(w.kv_bytes / seconds / 1e12, 2)})
@@ -210,7 +214,7 @@ def main() -> None:
     parser.add_argument("--token-major", type=int, default=0, metavar="LAYERS",
                         help="K/V as layer views of [B, context, LAYERS, Hkv, D] tensors")
     parser.add_argument("--cache", choices=("per_layer", "token_major"), default=None,
-                        help="time on a VirtualKVCache in this layout (case b shapes)")
+                        help="time on a VirtualKVCache in this layout")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.cache and (args.paged or args.token_major or args.allocations > 1):
@@ -233,8 +237,6 @@ def main() -> None:
         for allocation in range(args.allocations):
             spacer = torch.empty((2 * allocation + 1) << 26, dtype=torch.uint8, device="cuda")
             if args.cache:
-                if not shape[0].startswith("b-"):
-                    raise SystemExit(f"--cache times case b shapes only, got {shape[0]}")
                 again = sweep_cache(shape, configs, args.repeats, args.cache)
             else:
                 again = sweep(shape, configs, args.repeats, args.paged, args.token_major,

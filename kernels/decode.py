@@ -576,14 +576,27 @@ class Tiling:
                              f"{self.min_blocks_per_run}")
 
 
-def default_tiling(head_dim: int) -> Tiling:
+def default_tiling(head_dim: int, interleaved: bool = False) -> Tiling:
     """Measured on an H200 (docs/benchmarks.md, the tiling sweeps) for head dim 128: one
     program per SM with tiles of 128 tokens is within 0-5% of the best tiling on every
-    shape swept. Head dim 256 is not tuned."""
+    shape swept. `interleaved` (`interleaved_tokens`: other data between one token's
+    heads and the next token's, as in the `token_major` layout): tiles of 64 tokens at
+    two programs per SM, faster on a `token_major` cache (docs/benchmarks.md, "The
+    tiling on the cache's own layers"). Head dim 256 is not tuned."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
+        if interleaved:
+            return Tiling(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
         return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
     return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
+
+
+def interleaved_tokens(kv: torch.Tensor) -> bool:
+    """Whether a ``[slots, L, Hkv, D]`` view has other data between one token's heads and
+    the next token's (its token stride is longer than the span of a token's heads):
+    true of a `token_major` layer view, false of a `per_layer` one or a plain tensor."""
+    span = (kv.shape[2] - 1) * kv.stride(2) + kv.shape[3]
+    return kv.stride(1) > span
 
 
 FUSED_RUNS_PER_REQUEST = 4
@@ -664,7 +677,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     """The launch (or two), on checked arguments. Contiguous (``kv_block == 0``): `k`,
     `v` are ``[num_slots, max_len, Hkv, D]``. Paged: ``[num_slots blocks, kv_block, Hkv,
     D]`` and `table` ``[B, max_len // kv_block]`` holds each row's block ids. `tiling`
-    overrides `default_tiling` (the tuning sweep); `workspace` as in
+    overrides ``default_tiling(D, interleaved_tokens(k))`` (the tuning sweep); `workspace` as in
     `decode_attention`."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -677,7 +690,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         return out
     require_runnable(q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tiling = tiling or default_tiling(head_dim)
+    tiling = tiling or default_tiling(head_dim, interleaved_tokens(k))
     splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, tiling)
     part = torch.empty(splits + batch, num_heads, head_dim, device=q.device,
                        dtype=torch.float32)     # partial piece + row, for every run

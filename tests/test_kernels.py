@@ -445,6 +445,38 @@ def test_tiling_is_validated_and_sets_the_run_count() -> None:
     assert num_splits_for(cpu, 1, 2, 10, short) == 1
 
 
+def test_the_default_tiling_follows_the_token_stride(monkeypatch: pytest.MonkeyPatch) -> None:
+    # token_major layer views have the other layers between two tokens' heads: they get
+    # the interleaved tiling; per_layer views and plain tensors the plain one.
+    from vattn.kernels import decode as module
+    from vattn.kernels import default_tiling
+    from vattn.kernels.decode import interleaved_tokens
+
+    asked: list[bool] = []
+
+    def spy(head_dim: int, interleaved: bool = False) -> object:
+        asked.append(interleaved)
+        return default_tiling(head_dim, interleaved)
+
+    monkeypatch.setattr(module, "default_tiling", spy)
+    found = {}
+    for layout in LAYOUTS:
+        with make_cache(layout, torch.float16) as cache:
+            found[layout] = [interleaved_tokens(t) for t in cache.kv(1)]
+            fill(cache, 1, [cache.allocate(), cache.allocate()], [30, 7], torch.float16)
+            q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
+            decode_attention(q, *cache.kv(1), _ints([30, 7]))
+    assert found == {"per_layer": [False, False], "token_major": [True, True]}
+    assert asked == [False, True]                   # what each launch was tiled for
+    assert not interleaved_tokens(torch.empty(2, 16, HKV, D))
+    assert not interleaved_tokens(torch.empty(2, 16, 1, D))
+    assert interleaved_tokens(torch.empty(2, 16, 3, HKV, D)[:, :, 0])
+    plain, interleaved = default_tiling(128), default_tiling(128, interleaved=True)
+    assert (plain.block_n, plain.programs_per_sm) == (128, 1)
+    assert (interleaved.block_n, interleaved.programs_per_sm) == (64, 2)
+    assert default_tiling(256, interleaved=True) == default_tiling(256)
+
+
 # No shrinking: through the interpreter it takes minutes; a failing example is printed.
 @settings(max_examples=16, deadline=None, derandomize=True,
           phases=(Phase.explicit, Phase.generate),
