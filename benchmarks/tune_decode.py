@@ -48,7 +48,8 @@ def tilings(grid: str) -> list[Tiling]:
     per request and with one flat loop (`Tiling.flat`), timed in the order A B B A so
     that a drift of the clock hits both alike (the faster of a tiling's two timings
     counts); ``pair``: the default and 64-token tiles at two programs an SM, A B B A;
-    ``layout``: the default and six neighbours of it, A B ... B A; ``quick``: the
+    ``layout``: the default and six neighbours of it, A B ... B A; ``pdl``: both
+    defaults with and without programmatic dependent launch, A B B A; ``quick``: the
     default only."""
     if grid == "quick":
         return [default_tiling(128)]
@@ -58,6 +59,10 @@ def tilings(grid: str) -> list[Tiling]:
             for n, w, s, p in ((64, 4, 3, 2), (64, 4, 4, 2), (128, 4, 2, 2), (64, 4, 3, 1),
                                (128, 8, 3, 1), (32, 4, 4, 4))]
         return around + around[::-1]
+    if grid == "pdl":
+        plain = [default_tiling(128), default_tiling(128, interleaved=True)]
+        return [t for a in plain for t in (a, dataclasses.replace(a, pdl=False),
+                                           dataclasses.replace(a, pdl=False), a)]
     if grid == "pair":
         a, b = default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
                                            programs_per_sm=2)
@@ -87,7 +92,7 @@ def _name(t: Tiling) -> str:
     return (f"n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm} "
             f"m{t.min_blocks_per_run}"
             + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction]
-            + (" flat" if t.flat else ""))
+            + (" flat" if t.flat else "") + ("" if t.pdl else " no-pdl"))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
@@ -204,7 +209,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
-                                           "pair", "layout", "quick"),
+                                           "pair", "layout", "pdl", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "

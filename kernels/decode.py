@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from vattn.errors import InvalidArgument, VattnError
 
@@ -134,9 +135,12 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
     FUSED: tl.constexpr, FLAT: tl.constexpr, INTERPRETED: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    if PDL:     # launched early: wait for the grid before, then let the merge launch
+        gdc_wait()
+        gdc_launch_dependents()
     piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
@@ -463,15 +467,18 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
     batch, num_slots, max_len, num_splits,
     HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
-    INTERPRETED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     head = tl.program_id(0)
     row = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
+    # The lengths were final before the split launch let this one start (PDL).
     start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
         HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+    if PDL:     # the partials: written by the split launch, visible once it completes
+        gdc_wait()
     row_through = _pick(through, rows, row)
     row_first = row_through - tl.cdiv(tl.maximum(_pick(end - start, rows, row), 0), BLOCK_N)
     # The runs holding the row's first and last blocks wrote partials piece + row.
@@ -532,6 +539,13 @@ def require_runnable(device: torch.device) -> None:
 
 
 @functools.cache
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled CUDA kernels on compute capability 9.0+."""
+    return (device.type == "cuda" and not _interpreted()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4                 # the interpreter: a few splits, to exercise the reduction
@@ -557,6 +571,13 @@ class Tiling:
     """True: one launch, the last run of a request to finish merges its partials (an
     atomic count per request and KV head). False: a second launch merges them all.
     None: `merges_in_launch` decides from the run count and the batch."""
+    pdl: bool = True
+    """Programmatic dependent launch where the GPU has it (compute capability 9.0 and
+    up): each launch may start while the grid before it in the stream runs, and waits
+    for it (``griddepcontrol.wait``) before reading anything, so the order of the
+    stream holds; the split launch lets the merge launch start once every split
+    program has passed that wait. It hides the start of a launch behind the end of the
+    one before."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
@@ -705,9 +726,12 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         arrive = workspace
     else:
         arrive = torch.zeros(batch * num_kv_heads, device=q.device, dtype=torch.int32)
+    pdl = tiling.pdl and _has_pdl(q.device)
     shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
-                  INTERPRETED=_interpreted(), BLOCK_B=max(2, triton.next_power_of_2(batch)),
-                  BLOCK_N=tiling.block_n, BLOCK_D=block_d)
+                  INTERPRETED=_interpreted(), PDL=pdl,
+                  BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
+                  BLOCK_D=block_d)
+    launch_options = {"launch_pdl": True} if pdl else {}
     _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
         starts if starts is not None else dummy, table if table is not None else dummy,
@@ -722,7 +746,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options)
     if fused:
         return out
     _reduce_kernel[(num_heads, batch)](
@@ -731,7 +755,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         batch, num_slots, max_len, splits,
         HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(splits + batch)), **shared,
-        num_warps=4)
+        num_warps=4, **launch_options)
     return out
 
 

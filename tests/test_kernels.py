@@ -219,6 +219,45 @@ def test_decode_step_is_capturable_in_a_cuda_graph() -> None:
             assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[1500], [100, 300, 50, 7]])
+def test_chained_decodes_in_a_graph_see_the_kernels_before_them(lengths: list[int]) -> None:
+    # Each launch may start before the kernel ahead of it ends (programmatic dependent
+    # launch, on Hopper): its reads must still see that kernel's writes. One query row
+    # attends over 1500 tokens (a split launch and a merge launch); four short rows
+    # merge in the split launch. The second decode's queries are computed from the
+    # first decode's output by the kernel just before it, afresh at every replay.
+    batch = len(lengths)
+    with make_cache("per_layer", torch.bfloat16, slots=batch, max_context_len=4096) as cache:
+        slots = [cache.allocate() for _ in range(batch)]
+        fill(cache, 0, slots, lengths, torch.bfloat16)
+        k, v = cache.kv(0)
+        lens, slot_ids = _ints(lengths), _ints(slots)
+        source = torch.randn(batch, 8, D, device=DEVICE).to(torch.bfloat16)
+        q1 = torch.empty_like(source)
+
+        def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            q1.copy_(source)
+            o1 = decode_attention(q1, k, v, lens, slot_ids)
+            q2 = o1 * 3
+            return o1, q2, decode_attention(q2, k, v, lens, slot_ids)
+
+        step()                                                  # compile outside
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o1, q2, o2 = step()
+        for _ in range(3):
+            source.copy_(torch.randn_like(source))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref1 = reference(source, k, v, lengths, slots, [0] * batch, D ** -0.5)
+            ref2 = reference(q2, k, v, lengths, slots, [0] * batch, D ** -0.5)
+            assert torch.equal(q2, o1 * 3)
+            assert relative_error(o1, ref1) < 1e-2
+            assert relative_error(o2, ref2) < 1e-2
+
+
 # (lengths, batch, query heads per KV head, head dim): a pairwise sample of the sweep.
 SWEEP = [(1, 1, 1, 64), (54, 7, 4, 128), (97, 32, 8, 256), (512, 1, 8, 128),
          (2048, 7, 1, 256), (16384, 32, 4, 64), (65536, 1, 4, 128), (54, 64, 1, 128),
