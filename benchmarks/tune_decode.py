@@ -48,8 +48,9 @@ def tilings(grid: str) -> list[Tiling]:
     per request and with one flat loop (`Tiling.flat`), timed in the order A B B A so
     that a drift of the clock hits both alike (the faster of a tiling's two timings
     counts); ``pair``: the default and 64-token tiles at two programs an SM, A B B A;
-    ``layout``: the default and six neighbours of it, A B ... B A; ``pdl``: both
-    defaults with and without programmatic dependent launch, A B B A; ``quick``: the
+    ``layout``: the default and six neighbours of it, A B ... B A; ``pdl``: the
+    default and 64-token tiles at two programs an SM, each with and without
+    programmatic dependent launch, A B B A; ``quick``: the
     default only."""
     if grid == "quick":
         return [default_tiling(128)]
@@ -60,7 +61,8 @@ def tilings(grid: str) -> list[Tiling]:
                                (128, 8, 3, 1), (32, 4, 4, 4))]
         return around + around[::-1]
     if grid == "pdl":
-        plain = [default_tiling(128), default_tiling(128, interleaved=True)]
+        plain = [default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
+                                             programs_per_sm=2)]
         return [t for a in plain for t in (a, dataclasses.replace(a, pdl=False),
                                            dataclasses.replace(a, pdl=False), a)]
     if grid == "pair":

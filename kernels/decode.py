@@ -138,8 +138,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    if PDL:     # launched early: wait for the grid before, then let the merge launch
-        gdc_wait()
+    if PDL:     # the merge launch may start now: it waits for this grid's end to merge
         gdc_launch_dependents()
     piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
@@ -473,7 +472,8 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     head = tl.program_id(0)
     row = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
-    # The lengths were final before the split launch let this one start (PDL).
+    # The lengths were final before the split launch started, and this launch starts
+    # after it (PDL: once every split program has begun).
     start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
         HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
@@ -572,12 +572,11 @@ class Tiling:
     atomic count per request and KV head). False: a second launch merges them all.
     None: `merges_in_launch` decides from the run count and the batch."""
     pdl: bool = True
-    """Programmatic dependent launch where the GPU has it (compute capability 9.0 and
-    up): each launch may start while the grid before it in the stream runs, and waits
-    for it (``griddepcontrol.wait``) before reading anything, so the order of the
-    stream holds; the split launch lets the merge launch start once every split
-    program has passed that wait. It hides the start of a launch behind the end of the
-    one before."""
+    """Programmatic dependent launch of the merge launch (`fused_reduction` False) where
+    the GPU has it (compute capability 9.0 and up): it may start once every split
+    program has begun, and waits for the split launch to end
+    (``griddepcontrol.wait``) before it reads the partials, which hides its start
+    behind the split launch's end. The split launch itself starts in stream order."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
@@ -597,27 +596,16 @@ class Tiling:
                              f"{self.min_blocks_per_run}")
 
 
-def default_tiling(head_dim: int, interleaved: bool = False) -> Tiling:
+def default_tiling(head_dim: int) -> Tiling:
     """Measured on an H200 (docs/benchmarks.md, the tiling sweeps) for head dim 128: one
     program per SM with tiles of 128 tokens is within 0-5% of the best tiling on every
-    shape swept. `interleaved` (`interleaved_tokens`: other data between one token's
-    heads and the next token's, as in the `token_major` layout): tiles of 64 tokens at
-    two programs per SM, faster on a `token_major` cache (docs/benchmarks.md, "The
-    tiling on the cache's own layers"). Head dim 256 is not tuned."""
+    shape swept, on plain tensors, and within 0-7% on a `token_major` cache, where
+    64-token tiles at two programs per SM win at batch 1-16 and lose 12-29% at batch 32
+    and in case (a). Head dim 256 is not tuned."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
-        if interleaved:
-            return Tiling(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
         return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
     return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
-
-
-def interleaved_tokens(kv: torch.Tensor) -> bool:
-    """Whether a ``[slots, L, Hkv, D]`` view has other data between one token's heads and
-    the next token's (its token stride is longer than the span of a token's heads):
-    true of a `token_major` layer view, false of a `per_layer` one or a plain tensor."""
-    span = (kv.shape[2] - 1) * kv.stride(2) + kv.shape[3]
-    return kv.stride(1) > span
 
 
 FUSED_RUNS_PER_REQUEST = 4
@@ -698,7 +686,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     """The launch (or two), on checked arguments. Contiguous (``kv_block == 0``): `k`,
     `v` are ``[num_slots, max_len, Hkv, D]``. Paged: ``[num_slots blocks, kv_block, Hkv,
     D]`` and `table` ``[B, max_len // kv_block]`` holds each row's block ids. `tiling`
-    overrides ``default_tiling(D, interleaved_tokens(k))`` (the tuning sweep); `workspace` as in
+    overrides `default_tiling` (the tuning sweep); `workspace` as in
     `decode_attention`."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -711,7 +699,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         return out
     require_runnable(q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tiling = tiling or default_tiling(head_dim, interleaved_tokens(k))
+    tiling = tiling or default_tiling(head_dim)
     splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, tiling)
     part = torch.empty(splits + batch, num_heads, head_dim, device=q.device,
                        dtype=torch.float32)     # partial piece + row, for every run
@@ -731,7 +719,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
                   INTERPRETED=_interpreted(), PDL=pdl,
                   BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
                   BLOCK_D=block_d)
-    launch_options = {"launch_pdl": True} if pdl else {}
+    merge_options = {"launch_pdl": True} if pdl else {}
     _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
         starts if starts is not None else dummy, table if table is not None else dummy,
@@ -746,7 +734,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options)
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if fused:
         return out
     _reduce_kernel[(num_heads, batch)](
@@ -755,7 +743,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         batch, num_slots, max_len, splits,
         HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(splits + batch)), **shared,
-        num_warps=4, **launch_options)
+        num_warps=4, **merge_options)
     return out
 
 

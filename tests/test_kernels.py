@@ -222,11 +222,12 @@ def test_decode_step_is_capturable_in_a_cuda_graph() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("lengths", [[1500], [100, 300, 50, 7]])
 def test_chained_decodes_in_a_graph_see_the_kernels_before_them(lengths: list[int]) -> None:
-    # Each launch may start before the kernel ahead of it ends (programmatic dependent
-    # launch, on Hopper): its reads must still see that kernel's writes. One query row
-    # attends over 1500 tokens (a split launch and a merge launch); four short rows
-    # merge in the split launch. The second decode's queries are computed from the
-    # first decode's output by the kernel just before it, afresh at every replay.
+    # The merge launch may start before the split launch ends (programmatic dependent
+    # launch, on Hopper): it must still merge the partials of this split launch, and
+    # the next kernel must see its output. One query row attends over 1500 tokens (a
+    # split launch and a merge launch); four short rows merge in the split launch. The
+    # second decode's queries are computed from the first decode's output by the
+    # kernel just before it, afresh at every replay.
     batch = len(lengths)
     with make_cache("per_layer", torch.bfloat16, slots=batch, max_context_len=4096) as cache:
         slots = [cache.allocate() for _ in range(batch)]
@@ -482,38 +483,6 @@ def test_tiling_is_validated_and_sets_the_run_count() -> None:
                    min_blocks_per_run=8)
     assert num_splits_for(cpu, 2, 2, 1000, short) == 4           # 2 x 16 tiles / 8
     assert num_splits_for(cpu, 1, 2, 10, short) == 1
-
-
-def test_the_default_tiling_follows_the_token_stride(monkeypatch: pytest.MonkeyPatch) -> None:
-    # token_major layer views have the other layers between two tokens' heads: they get
-    # the interleaved tiling; per_layer views and plain tensors the plain one.
-    from vattn.kernels import decode as module
-    from vattn.kernels import default_tiling
-    from vattn.kernels.decode import interleaved_tokens
-
-    asked: list[bool] = []
-
-    def spy(head_dim: int, interleaved: bool = False) -> object:
-        asked.append(interleaved)
-        return default_tiling(head_dim, interleaved)
-
-    monkeypatch.setattr(module, "default_tiling", spy)
-    found = {}
-    for layout in LAYOUTS:
-        with make_cache(layout, torch.float16) as cache:
-            found[layout] = [interleaved_tokens(t) for t in cache.kv(1)]
-            fill(cache, 1, [cache.allocate(), cache.allocate()], [30, 7], torch.float16)
-            q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
-            decode_attention(q, *cache.kv(1), _ints([30, 7]))
-    assert found == {"per_layer": [False, False], "token_major": [True, True]}
-    assert asked == [False, True]                   # what each launch was tiled for
-    assert not interleaved_tokens(torch.empty(2, 16, HKV, D))
-    assert not interleaved_tokens(torch.empty(2, 16, 1, D))
-    assert interleaved_tokens(torch.empty(2, 16, 3, HKV, D)[:, :, 0])
-    plain, interleaved = default_tiling(128), default_tiling(128, interleaved=True)
-    assert (plain.block_n, plain.programs_per_sm) == (128, 1)
-    assert (interleaved.block_n, interleaved.programs_per_sm) == (64, 2)
-    assert default_tiling(256, interleaved=True) == default_tiling(256)
 
 
 # No shrinking: through the interpreter it takes minutes; a failing example is printed.
