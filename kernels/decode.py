@@ -138,8 +138,10 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    if PDL:     # the merge launch may start now: it waits for this grid's end to merge
-        gdc_launch_dependents()
+    if PDL:     # launched early: the grid before must end before anything is read
+        gdc_wait()
+        if not FUSED:   # the merge launch may start now; it waits for this grid's end
+            gdc_launch_dependents()
     piece = tl.program_id(0)        # the run of blocks this program takes
     kv_head = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
@@ -472,8 +474,8 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     head = tl.program_id(0)
     row = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
-    # The lengths were final before the split launch started, and this launch starts
-    # after it (PDL: once every split program has begun).
+    # The lengths were final before any split program passed its wait, and this launch
+    # starts only once every split program has passed it (PDL).
     start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
         HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
@@ -572,11 +574,13 @@ class Tiling:
     atomic count per request and KV head). False: a second launch merges them all.
     None: `merges_in_launch` decides from the run count and the batch."""
     pdl: bool = True
-    """Programmatic dependent launch of the merge launch (`fused_reduction` False) where
-    the GPU has it (compute capability 9.0 and up): it may start once every split
-    program has begun, and waits for the split launch to end
-    (``griddepcontrol.wait``) before it reads the partials, which hides its start
-    behind the split launch's end. The split launch itself starts in stream order."""
+    """Programmatic dependent launch where the GPU has it (compute capability 9.0 and
+    up), which hides the start of a launch behind the end of the one before it. The
+    split launch may start before the kernel ahead of it in the stream ends, and waits
+    for it (``griddepcontrol.wait``) before it reads anything. A merge launch
+    (`fused_reduction` False) may start once every split program has passed that
+    wait, and waits for the split launch to end before it reads the partials. On an
+    H200 this took 0.5-1.3 us off case (a) (docs/benchmarks.md)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
@@ -719,7 +723,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
                   INTERPRETED=_interpreted(), PDL=pdl,
                   BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
                   BLOCK_D=block_d)
-    merge_options = {"launch_pdl": True} if pdl else {}
+    launch_options = {"launch_pdl": True} if pdl else {}
     _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
         starts if starts is not None else dummy, table if table is not None else dummy,
@@ -734,7 +738,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options)
     if fused:
         return out
     _reduce_kernel[(num_heads, batch)](
@@ -743,7 +747,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         batch, num_slots, max_len, splits,
         HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(splits + batch)), **shared,
-        num_warps=4, **merge_options)
+        num_warps=4, **launch_options)
     return out
 
 

@@ -220,14 +220,14 @@ def test_decode_step_is_capturable_in_a_cuda_graph() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lengths", [[1500], [100, 300, 50, 7]])
+@pytest.mark.parametrize("lengths", [[1500], [100, 300, 50, 7] * 5])
 def test_chained_decodes_in_a_graph_see_the_kernels_before_them(lengths: list[int]) -> None:
-    # The merge launch may start before the split launch ends (programmatic dependent
-    # launch, on Hopper): it must still merge the partials of this split launch, and
-    # the next kernel must see its output. One query row attends over 1500 tokens (a
-    # split launch and a merge launch); four short rows merge in the split launch. The
-    # second decode's queries are computed from the first decode's output by the
-    # kernel just before it, afresh at every replay.
+    # Each launch may start before the kernel ahead of it ends (programmatic dependent
+    # launch, on Hopper): it must still see that kernel's writes. One query row attends
+    # over 1500 tokens (a split launch and a merge launch); 20 short rows merge in the
+    # split launch (at most 4 runs a row). The second decode's queries are computed
+    # from the first decode's output by the kernel just before it, afresh at every
+    # replay.
     batch = len(lengths)
     with make_cache("per_layer", torch.bfloat16, slots=batch, max_context_len=4096) as cache:
         slots = [cache.allocate() for _ in range(batch)]
