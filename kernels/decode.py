@@ -2,7 +2,7 @@
 
 One query token per request attends over that request's slot of a ``[slots, Lmax,
 Hkv, D]`` strided K/V view (both vattn layouts, any batch/sequence/head strides, last
-dim contiguous). One launch::
+dim contiguous). One launch, or two::
 
     _split_kernel   grid (num_splits, Hkv): the batch's KV blocks, laid end to end, are
                     cut into num_splits equal runs; a program takes one run for the
@@ -11,8 +11,12 @@ dim contiguous). One launch::
                     that spans runs, each run writes a partial output and its
                     log2-sum-exp, and the last of them to finish (an atomic count per
                     request and KV head) rescales and sums them
-    _reduce_kernel  grid (Hq, B), only with ``Tiling(fused_reduction=False)``: a second
-                    launch that merges every request's partials instead
+    _reduce_kernel  grid (Hq, B), where there are many runs a request (or with
+                    ``Tiling(fused_reduction=False)``): a second launch that merges
+                    every request's partials instead
+
+On Hopper and newer both launches are programmatic (`Tiling.pdl`): each may start
+before the kernel ahead of it ends, and waits for it before reading what it writes.
 
 A program attends over the requests of its run one loop each (`_segment`), or, with
 ``Tiling(flat=True)``, in one loop over all the run's blocks (`_flat_run`).
@@ -580,7 +584,7 @@ class Tiling:
     for it (``griddepcontrol.wait``) before it reads anything. A merge launch
     (`fused_reduction` False) may start once every split program has passed that
     wait, and waits for the split launch to end before it reads the partials. On an
-    H200 this took 0.5-1.3 us off case (a) (docs/benchmarks.md)."""
+    H200 this took 0.6-1.4 us (5-8%) off batch-1 decodes (docs/benchmarks.md)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
@@ -604,8 +608,9 @@ def default_tiling(head_dim: int) -> Tiling:
     """Measured on an H200 (docs/benchmarks.md, the tiling sweeps) for head dim 128: one
     program per SM with tiles of 128 tokens is within 0-5% of the best tiling on every
     shape swept, on plain tensors, and within 0-7% on a `token_major` cache, where
-    64-token tiles at two programs per SM win at batch 1-16 and lose 12-29% at batch 32
-    and in case (a). Head dim 256 is not tuned."""
+    64-token tiles at two programs per SM gain 2-6% on some shapes of batch 1-16 and
+    lose 12-29% at batch 32 and at batch 1 with 2 KV heads. Head dim 256 is not
+    tuned."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
         return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
