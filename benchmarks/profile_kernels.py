@@ -29,7 +29,7 @@ from vattn.kernels import decode_attention, pod_attention
 from vattn.kernels.pod import Policy
 
 
-def pod_launches() -> tuple[list[tuple[str, Callable[[], object]]], Cell]:
+def pod_launches() -> list[tuple[str, Callable[[], object]]]:
     """The launches (their closures hold the cell)."""
     cell = Cell(torch.device("cuda"), 1024, 4096, 32, 16384)
 
@@ -48,7 +48,7 @@ def pod_launches() -> tuple[list[tuple[str, Callable[[], object]]], Cell]:
         ("pod: fused paired", fused("paired")),
         ("pod: decode_attention on the same decodes", lambda: decode_attention(
             cell.qd, cell.k, cell.v, cell.lens, cell.slots)),
-    ], cell
+    ]
 
 
 def decode_launches() -> tuple[list[tuple[str, Callable[[], object]]], list[Workload]]:
@@ -73,7 +73,7 @@ def main() -> None:
     workloads: list[Workload] = []
     for subject in args.subjects:
         if subject == "pod":
-            launches += pod_launches()[0]
+            launches += pod_launches()
         else:
             found, workloads = decode_launches()
             launches += found

@@ -9,8 +9,8 @@
 - `paged_decode_attention`: the same decode kernel behind a block table (the ablation's
   paged baseline, vLLM's block layout).
 - `pod_attention`: a prefill chunk and many decodes in one launch, prefill tiles and
-  decode splits handed out at run time so both kinds share every SM (POD-Attention).; `pod_units`
-  counts its programs (for its diagnostic trace).
+  decode splits handed out at run time so both kinds share every SM (POD-Attention);
+  `pod_units` counts its programs (for its diagnostic trace).
 
 Never import this folder as a top-level `kernels`: transformers probes for an unrelated
 package of that name.

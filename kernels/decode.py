@@ -581,10 +581,11 @@ class Tiling:
     """Programmatic dependent launch where the GPU has it (compute capability 9.0 and
     up), which hides the start of a launch behind the end of the one before it. The
     split launch may start before the kernel ahead of it in the stream ends, and waits
-    for it (``griddepcontrol.wait``) before it reads anything. A merge launch
-    (`fused_reduction` False) may start once every split program has passed that
-    wait, and waits for the split launch to end before it reads the partials. On an
-    H200 this took 0.6-1.4 us (5-8%) off batch-1 decodes (docs/benchmarks.md)."""
+    for it (``griddepcontrol.wait``) before it reads anything. A merge launch (where
+    the split launch does not merge, `merges_in_launch`) may start once every split
+    program has passed that wait, and waits for the split launch to end before it
+    reads the partials. On an H200 this took 0.6-1.4 us (5-8%) off batch-1 decodes
+    (docs/benchmarks.md)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
