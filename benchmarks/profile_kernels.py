@@ -9,7 +9,9 @@ printed, is bracketed by ``cudaProfilerStart`` / ``cudaProfilerStop``, so that
   16K): the prefill half alone, the decode half alone, fused under ``50:50`` and
   ``paired``, and `decode_attention` on the same decodes;
 - ``decode``: `decode_attention` at batch 8, unequal lengths (the bench's), on a
-  `per_layer` and on a `token_major` cache (2 layers: ncu saves and restores memory).
+  `per_layer` and on a `token_major` cache (2 layers: ncu saves and restores memory);
+- ``short``: `decode_attention` in case (a) (batch 1, 16 / 2 heads, head dim 128) at
+  512, 4K, 16K and 64K tokens on a `per_layer` cache: its split and merge launches.
 
     ncu --profile-from-start off --clock-control none --section WarpStateStats \\
         python3 benchmarks/profile_kernels.py pod decode
@@ -65,9 +67,22 @@ def decode_launches() -> tuple[list[tuple[str, Callable[[], object]]], list[Work
     return found, kept
 
 
+def short_launches() -> tuple[list[tuple[str, Callable[[], object]]], list[Workload]]:
+    found: list[tuple[str, Callable[[], object]]] = []
+    kept = []
+    for context in (512, 4096, 16384, 65536):
+        w = Workload("cuda", "per_layer", 16, 2, 128, [context], 2)
+        space = torch.zeros(2, dtype=torch.int32, device="cuda")
+        found.append((f"decode case a, {context} tokens",
+                      functools.partial(decode_attention, w.q, *w.cache.kv(1), w.lens,
+                                        workspace=space)))
+        kept.append(w)
+    return found, kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("subjects", nargs="+", choices=("pod", "decode"))
+    parser.add_argument("subjects", nargs="+", choices=("pod", "decode", "short"))
     args = parser.parse_args()
     launches: list[tuple[str, Callable[[], object]]] = []
     workloads: list[Workload] = []
@@ -75,8 +90,9 @@ def main() -> None:
         if subject == "pod":
             launches += pod_launches()
         else:
-            found, workloads = decode_launches()
+            found, kept = decode_launches() if subject == "decode" else short_launches()
             launches += found
+            workloads += kept
     for _, fn in launches:          # compile and warm, unprofiled
         fn()
         fn()

@@ -30,7 +30,9 @@ from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch
 from vattn.kernels.paged import paged_tiling
 
 # (name, batch, query heads, KV heads, head dim, context, equal lengths)
-SHAPES = [("a-4k", 1, 16, 2, 128, 4096, True), ("a-16k", 1, 16, 2, 128, 16384, True),
+SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, True),
+          ("a-2k", 1, 16, 2, 128, 2048, True), ("a-4k", 1, 16, 2, 128, 4096, True),
+          ("a-8k", 1, 16, 2, 128, 8192, True), ("a-16k", 1, 16, 2, 128, 16384, True),
           ("a-32k", 1, 16, 2, 128, 32768, True),
           ("a-64k", 1, 16, 2, 128, 65536, True), ("b-1", 1, 32, 8, 128, 16384, True),
           ("b-4", 4, 32, 8, 128, 16384, True), ("b-8", 8, 32, 8, 128, 16384, True),
@@ -50,8 +52,9 @@ def tilings(grid: str) -> list[Tiling]:
     counts); ``pair``: the default and 64-token tiles at two programs an SM, A B B A;
     ``layout``: the default and six neighbours of it, A B ... B A; ``pdl``: the
     default and 64-token tiles at two programs an SM, each with and without
-    programmatic dependent launch, A B B A; ``quick``: the
-    default only."""
+    programmatic dependent launch, A B B A; ``short``: small tiles and many programs
+    per SM (tile tokens x programs per SM x stages), the merge in a second launch, for
+    case (a); ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "layout":
@@ -60,6 +63,10 @@ def tilings(grid: str) -> list[Tiling]:
             for n, w, s, p in ((64, 4, 3, 2), (64, 4, 4, 2), (128, 4, 2, 2), (64, 4, 3, 1),
                                (128, 8, 3, 1), (32, 4, 4, 4))]
         return around + around[::-1]
+    if grid == "short":
+        return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=p,
+                       fused_reduction=False)
+                for n, p, s in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3))]
     if grid == "pdl":
         plain = [default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
                                              programs_per_sm=2)]
@@ -211,7 +218,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
-                                           "pair", "layout", "pdl", "quick"),
+                                           "pair", "layout", "pdl", "short", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "
