@@ -53,8 +53,8 @@ def tilings(grid: str) -> list[Tiling]:
     ``layout``: the default and six neighbours of it, A B ... B A; ``pdl``: the
     default and 64-token tiles at two programs an SM, each with and without
     programmatic dependent launch, A B B A; ``short``: small tiles and many programs
-    per SM (tile tokens x programs per SM x stages), the merge in a second launch, for
-    case (a); ``quick``: the default only."""
+    per SM (tile tokens x programs per SM x partials a merge program loads at once), the
+    merge in a second launch, for case (a); ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "layout":
@@ -64,9 +64,9 @@ def tilings(grid: str) -> list[Tiling]:
                                (128, 8, 3, 1), (32, 4, 4, 4))]
         return around + around[::-1]
     if grid == "short":
-        return [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=p,
-                       fused_reduction=False)
-                for n, p, s in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3))]
+        return [Tiling(block_n=n, num_warps=4, num_stages=3, programs_per_sm=p,
+                       fused_reduction=False, merge_block=b)
+                for n, p, b in itertools.product((32, 64, 128), (1, 2, 4), (32, 128))]
     if grid == "pdl":
         plain = [default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
                                              programs_per_sm=2)]
@@ -101,7 +101,8 @@ def _name(t: Tiling) -> str:
     return (f"n{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs_per_sm} "
             f"m{t.min_blocks_per_run}"
             + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction]
-            + (" flat" if t.flat else "") + ("" if t.pdl else " no-pdl"))
+            + (" flat" if t.flat else "") + ("" if t.pdl else " no-pdl")
+            + ("" if t.merge_block == 32 else f" merge{t.merge_block}"))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,

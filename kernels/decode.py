@@ -515,19 +515,24 @@ def _merge(  # type: ignore[no-untyped-def]
     o_ptr, lse_ptr, chunk, last, head, m, denom, acc, stride_op, stride_oh, stride_lp,
     d_mask, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Fold partials ``[chunk, min(chunk + BLOCK_S, last))`` into (m, denom, acc)."""
+    """Fold partials ``[chunk, min(chunk + BLOCK_S, last))`` into (m, denom, acc).
+
+    Both loads depend on the chunk alone, so they go out together and the loop's
+    pipeline can prefetch the next chunks: an empty partial's output (never written)
+    is dropped by a select, not by a load mask that would wait for its lse."""
     offs_s = chunk + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + offs_s * stride_lp + head, mask=offs_s < last,
-                  other=float("-inf"))
+    in_range = offs_s < last
+    lse = tl.load(lse_ptr + offs_s * stride_lp + head, mask=in_range, other=float("-inf"))
+    o = tl.load(o_ptr + offs_s[:, None] * stride_op + head * stride_oh + offs_d[None, :],
+                mask=in_range[:, None] & d_mask[None, :], other=0.0)
     live = lse > float("-inf")
     m_new = tl.maximum(m, tl.max(lse, 0))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
     w = tl.where(live, tl.exp2(lse - m_safe), 0.0)
-    o = tl.load(o_ptr + offs_s[:, None] * stride_op + head * stride_oh + offs_d[None, :],
-                mask=live[:, None] & d_mask[None, :], other=0.0)
-    return m_new, denom * scale + tl.sum(w, 0), acc * scale + tl.sum(o * w[:, None], 0)
+    weighted = tl.where(live[:, None], o * w[:, None], 0.0)
+    return m_new, denom * scale + tl.sum(w, 0), acc * scale + tl.sum(weighted, 0)
 
 
 def _interpreted() -> bool:
@@ -586,6 +591,8 @@ class Tiling:
     program has passed that wait, and waits for the split launch to end before it
     reads the partials. On an H200 this took 0.6-1.4 us (5-8%) off batch-1 decodes
     (docs/benchmarks.md)."""
+    merge_block: int = 32
+    """Partials a program of the merge launch loads at once (a power of two)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
@@ -597,6 +604,8 @@ class Tiling:
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.merge_block < 1 or self.merge_block & (self.merge_block - 1):
+            raise ValueError(f"merge_block must be a power of two, got {self.merge_block}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if min(self.num_stages, self.programs_per_sm, self.min_blocks_per_run) < 1:
@@ -747,13 +756,14 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options)
     if fused:
         return out
+    merge_block = min(tiling.merge_block, max(2, triton.next_power_of_2(splits + batch)))
     _reduce_kernel[(num_heads, batch)](
         lens, slots if slots is not None else dummy, starts if starts is not None else dummy,
         part, lse, out,
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         batch, num_slots, max_len, splits,
-        HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(splits + batch)), **shared,
-        num_warps=4, **launch_options)
+        HEAD_DIM=head_dim, BLOCK_S=merge_block, **shared,
+        num_warps=4 if merge_block * block_d <= 4096 else 8, **launch_options)
     return out
 
 
