@@ -54,7 +54,9 @@ def tilings(grid: str) -> list[Tiling]:
     default and 64-token tiles at two programs an SM, each with and without
     programmatic dependent launch, A B B A; ``short``: small tiles and many programs
     per SM (tile tokens x programs per SM x partials a merge program loads at once), the
-    merge in a second launch, for case (a); ``quick``: the default only."""
+    merge in a second launch, for case (a); ``merge``: the default and 64-token tiles
+    at one program an SM, each with the merge where `merges_in_launch` puts it and in a
+    second launch, A B B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "layout":
@@ -67,6 +69,11 @@ def tilings(grid: str) -> list[Tiling]:
         return [Tiling(block_n=n, num_warps=4, num_stages=3, programs_per_sm=p,
                        fused_reduction=False, merge_block=b)
                 for n, p, b in itertools.product((32, 64, 128), (1, 2, 4), (32, 128))]
+    if grid == "merge":
+        plain = [default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
+                                             programs_per_sm=1)]
+        return [t for a in plain for t in (a, dataclasses.replace(a, fused_reduction=False),
+                                           dataclasses.replace(a, fused_reduction=False), a)]
     if grid == "pdl":
         plain = [default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
                                              programs_per_sm=2)]
@@ -219,7 +226,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
-                                           "pair", "layout", "pdl", "short", "quick"),
+                                           "pair", "layout", "pdl", "short", "merge", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "
