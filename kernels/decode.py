@@ -49,7 +49,6 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 1024
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)     # fp32: exact dots, for tests
 MAX_BATCH = 4096        # rows a launch schedules (each program reads every row's length)
-MERGE_P = tl.constexpr(4)   # partials a merge in the split launch loads at once
 
 
 @triton.jit
@@ -241,21 +240,15 @@ def _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, heads,  # type: i
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         denom = tl.zeros([BLOCK_G], tl.float32)
         total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        offs_p = tl.arange(0, MERGE_P)
-        chunk = first_piece
-        while chunk <= last_piece:      # MERGE_P partials a step, their loads together
-            at = chunk + offs_p
-            p_mask = at <= last_piece
-            index = (at + row)[:, None]
-            lse_s = tl.load(lse_ptr + index * stride_lp + heads[None, :],
-                            mask=p_mask[:, None] & g_mask[None, :], other=float("-inf"),
-                            cache_modifier=".cg")
-            o_s = tl.load(o_ptr + index[:, :, None] * stride_op
-                          + heads[None, :, None] * stride_oh + offs_d[None, None, :],
-                          mask=p_mask[:, None, None] & gd_mask[None, :, :], other=0.0,
-                          cache_modifier=".cg")
-            m, denom, total = fold_partials(m, denom, total, lse_s, o_s)
-            chunk += MERGE_P
+        other = first_piece
+        while other <= last_piece:
+            at = other + row
+            lse_s = tl.load(lse_ptr + at * stride_lp + heads, mask=g_mask,
+                            other=float("-inf"), cache_modifier=".cg")
+            o_s = tl.load(o_ptr + at * stride_op + heads[:, None] * stride_oh
+                          + offs_d[None, :], mask=gd_mask, other=0.0, cache_modifier=".cg")
+            m, denom, total = fold_partial(m, denom, total, lse_s, o_s)
+            other += 1
         tl.store(out_ptr + row * stride_outb + heads[:, None] * stride_outh
                  + offs_d[None, :], (total / tl.where(denom > 0, denom, 1.0)[:, None])
                  .to(out_ptr.dtype.element_ty), mask=gd_mask)
@@ -462,18 +455,15 @@ def _segment(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def fold_partials(m, denom, total, lse, o):  # type: ignore[no-untyped-def]
-    """Fold P partials per row into the running max `m` ``[G]``, weight sum `denom` and
-    weighted sum `total` ``[G, D]``; the merged output is ``total / denom``. A partial
-    is its output `o` ``[P, G, D]`` and log2-sum-exp `lse` ``[P, G]``; one with lse
-    -inf is empty, and its `o` is dropped by a select, so it may hold anything."""
-    live = lse > float("-inf")
-    m_new = tl.maximum(m, tl.max(lse, 0))
+def fold_partial(m, denom, total, lse, o):  # type: ignore[no-untyped-def]
+    """Fold one partial per row (its output `o` ``[G, D]`` and log2-sum-exp `lse`
+    ``[G]``; -inf: empty) into the running max `m`, weight sum `denom` and weighted sum
+    `total`; the merged output is ``total / denom``."""
+    m_new = tl.maximum(m, lse)
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     scale = tl.where(m > float("-inf"), tl.exp2(m - m_safe), 0.0)
-    w = tl.where(live, tl.exp2(lse - m_safe[None, :]), 0.0)
-    weighted = tl.where(live[:, :, None], o * w[:, :, None], 0.0)
-    return m_new, denom * scale + tl.sum(w, 0), total * scale[:, None] + tl.sum(weighted, 0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m_safe), 0.0)
+    return m_new, denom * scale + w, total * scale[:, None] + o * w[:, None]
 
 
 @triton.jit

@@ -47,11 +47,10 @@ from vattn.errors import InvalidArgument
 from vattn.kernels.decode import (
     DTYPES,
     LOG2E,
-    MERGE_P,
     _attend_block,
     _interpreted,
     _sm_count,
-    fold_partials,
+    fold_partial,
     require_runnable,
 )
 
@@ -285,17 +284,14 @@ def _decode_split(  # type: ignore[no-untyped-def]
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             denom = tl.zeros([BLOCK_G], tl.float32)
             total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            offs_p = tl.arange(0, MERGE_P)
             s = 0
-            while s < live:     # MERGE_P partials a step, their loads together
-                in_use = (s + offs_p) < live
-                other = (pair * NUM_SPLITS + s + offs_p)[:, None] * BLOCK_G + offs_g[None, :]
-                lse_s = tl.load(lse_ptr + other, mask=in_use[:, None], other=float("-inf"),
-                                cache_modifier=".cg")
-                o_s = tl.load(part_ptr + other[:, :, None] * BLOCK_D + offs_d[None, None, :],
-                              mask=in_use[:, None, None], other=0.0, cache_modifier=".cg")
-                m, denom, total = fold_partials(m, denom, total, lse_s, o_s)
-                s += MERGE_P
+            while s < live:
+                other = pair * NUM_SPLITS + s
+                lse_s = tl.load(lse_ptr + other * BLOCK_G + offs_g, cache_modifier=".cg")
+                o_s = tl.load(part_ptr + (other * BLOCK_G + offs_g[:, None]) * BLOCK_D
+                              + offs_d[None, :], cache_modifier=".cg")
+                m, denom, total = fold_partial(m, denom, total, lse_s, o_s)
+                s += 1
             out = total / tl.where(denom > 0, denom, 1.0)[:, None]
             tl.store(od_ptr + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                      out.to(od_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
