@@ -54,9 +54,9 @@ def tilings(grid: str) -> list[Tiling]:
     default and 64-token tiles at two programs an SM, each with and without
     programmatic dependent launch, A B B A; ``short``: small tiles and many programs
     per SM (tile tokens x programs per SM x partials a merge program loads at once), the
-    merge in a second launch, for case (a); ``merge``: the default and 64-token tiles
-    at one program an SM, each with the merge where `merges_in_launch` puts it and in a
-    second launch, A B B A; ``quick``: the default only."""
+    merge in a second launch, for case (a); ``merge``: the default, and the default
+    with 128 partials a merge program loads at once, each with the merge where
+    `merges_in_launch` puts it and in a second launch, A B B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "layout":
@@ -70,8 +70,7 @@ def tilings(grid: str) -> list[Tiling]:
                        fused_reduction=False, merge_block=b)
                 for n, p, b in itertools.product((32, 64, 128), (1, 2, 4), (32, 128))]
     if grid == "merge":
-        plain = [default_tiling(128), Tiling(block_n=64, num_warps=4, num_stages=3,
-                                             programs_per_sm=1)]
+        plain = [default_tiling(128), dataclasses.replace(default_tiling(128), merge_block=128)]
         return [t for a in plain for t in (a, dataclasses.replace(a, fused_reduction=False),
                                            dataclasses.replace(a, fused_reduction=False), a)]
     if grid == "pdl":

@@ -474,6 +474,7 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
     INTERPRETED: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DM: tl.constexpr,
 ):
     head = tl.program_id(0)
     row = tl.program_id(1)
@@ -490,21 +491,21 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     # The runs holding the row's first and last blocks wrote partials piece + row.
     first = row_first // run + row
     last = tl.where(row_through > row_first, (row_through - 1) // run + 1 + row, first)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * BLOCK_DM + tl.arange(0, BLOCK_DM)   # a slice of the head
     d_mask = offs_d < HEAD_DIM
     m = tl.full([1], float("-inf"), tl.float32)
     denom = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_DM], tl.float32)
     if INTERPRETED:
         chunk = first
         while chunk < last:
             m, denom, acc = _merge(o_ptr, lse_ptr, chunk, last, head, m, denom, acc,
-                                   stride_op, stride_oh, stride_lp, d_mask, BLOCK_S, BLOCK_D)
+                                   stride_op, stride_oh, stride_lp, offs_d, d_mask, BLOCK_S)
             chunk += BLOCK_S
     else:
         for chunk in range(first, last, BLOCK_S):
             m, denom, acc = _merge(o_ptr, lse_ptr, chunk, last, head, m, denom, acc,
-                                   stride_op, stride_oh, stride_lp, d_mask, BLOCK_S, BLOCK_D)
+                                   stride_op, stride_oh, stride_lp, offs_d, d_mask, BLOCK_S)
     out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + row * stride_outb + head * stride_outh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=d_mask)
@@ -513,7 +514,7 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
 @triton.jit
 def _merge(  # type: ignore[no-untyped-def]
     o_ptr, lse_ptr, chunk, last, head, m, denom, acc, stride_op, stride_oh, stride_lp,
-    d_mask, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    offs_d, d_mask, BLOCK_S: tl.constexpr,
 ):
     """Fold partials ``[chunk, min(chunk + BLOCK_S, last))`` into (m, denom, acc).
 
@@ -521,7 +522,6 @@ def _merge(  # type: ignore[no-untyped-def]
     pipeline can prefetch the next chunks: an empty partial's output (never written)
     is dropped by a select, not by a load mask that would wait for its lse."""
     offs_s = chunk + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
     in_range = offs_s < last
     lse = tl.load(lse_ptr + offs_s * stride_lp + head, mask=in_range, other=float("-inf"))
     o = tl.load(o_ptr + offs_s[:, None] * stride_op + head * stride_oh + offs_d[None, :],
@@ -592,7 +592,8 @@ class Tiling:
     reads the partials. On an H200 this took 0.6-1.4 us (5-8%) off batch-1 decodes
     (docs/benchmarks.md)."""
     merge_block: int = 32
-    """Partials a program of the merge launch loads at once (a power of two)."""
+    """Partials a program of the merge launch loads at once (a power of two); with
+    more than 32, each program merges a slice of the head dim (4096 floats a load)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
@@ -756,14 +757,17 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options)
     if fused:
         return out
-    merge_block = min(tiling.merge_block, max(2, triton.next_power_of_2(splits + batch)))
-    _reduce_kernel[(num_heads, batch)](
+    # A row has at most `splits` partials; a program holds at most 4096 of their floats,
+    # in a slice of the head dim where the partials it loads at once are many.
+    merge_block = min(tiling.merge_block, max(2, triton.next_power_of_2(splits)))
+    merge_d = min(block_d, max(16, 4096 // merge_block))
+    _reduce_kernel[(num_heads, batch, block_d // merge_d)](
         lens, slots if slots is not None else dummy, starts if starts is not None else dummy,
         part, lse, out,
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         batch, num_slots, max_len, splits,
-        HEAD_DIM=head_dim, BLOCK_S=merge_block, **shared,
-        num_warps=4 if merge_block * block_d <= 4096 else 8, **launch_options)
+        HEAD_DIM=head_dim, BLOCK_S=merge_block, BLOCK_DM=merge_d, **shared, num_warps=4,
+        **launch_options)
     return out
 
 

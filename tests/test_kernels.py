@@ -402,17 +402,20 @@ def test_uneven_rows_are_cut_into_chunks_that_cover_them(splits: int | None) -> 
 
 
 @pytest.mark.parametrize("loop", ["a loop per request", "flat"])
-@pytest.mark.parametrize("merge", ["fused", "fused, one workspace", "two launches"])
+@pytest.mark.parametrize("merge", ["fused", "fused, one workspace", "two launches",
+                                   "two launches, head dim in slices"])
 def test_both_reductions_overwrite_every_row_of_out_twice(merge: str, loop: str) -> None:
-    # One launch (the last run of a row merges) or two (a merge kernel), a program's
-    # requests in a loop each or in one flat loop: every row of a NaN-filled `out` is
-    # written, empty rows included, and a second call on the same inputs gives the same
-    # result; a workspace reused across calls is left at zero.
+    # One launch (the last run of a row merges) or two (a merge kernel, whose programs
+    # may each take a slice of the head dim), a program's requests in a loop each or in
+    # one flat loop: every row of a NaN-filled `out` is written, empty rows included,
+    # and a second call on the same inputs gives the same result; a workspace reused
+    # across calls is left at zero.
     from vattn.kernels import Tiling
     from vattn.kernels.decode import launch
 
     tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1,
-                    fused_reduction=merge != "two launches", flat=loop == "flat")
+                    fused_reduction=not merge.startswith("two launches"), flat=loop == "flat",
+                    merge_block=128 if merge.endswith("slices") else 32)
     workspace = (torch.zeros(5 * HKV + 3, dtype=torch.int32, device=DEVICE)
                  if merge == "fused, one workspace" else None)
     lmax = 200
@@ -421,7 +424,7 @@ def test_both_reductions_overwrite_every_row_of_out_twice(merge: str, loop: str)
     q = torch.randn(5, 2 * HKV, D, device=DEVICE).to(torch.float16)
     lengths, slots, starts = [200, 0, 17, 90, 33], [4, 3, 2, 1, 0], [0, 0, 0, 3, 40]
     ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
-    for splits in (1, 3, 7, 40):
+    for splits in (1, 3, 7, 40, 100):      # 100: 128 partials a load, D in 2 slices
         out = torch.full_like(q, float("nan"))
         for _ in range(2):
             launch(q, k, v, _ints(lengths), _ints(slots), _ints(starts), None, 0, 5, lmax,
