@@ -55,7 +55,7 @@ def tilings(grid: str) -> list[Tiling]:
     programmatic dependent launch, A B B A; ``short``: small tiles and many programs
     per SM (tile tokens x programs per SM x partials a merge program loads at once), the
     merge in a second launch, for case (a); ``merge``: the default, and the default
-    with 128 partials a merge program loads at once, each with the merge where
+    with 32 partials a merge program loads at once (the old merge), each with the merge where
     `merges_in_launch` puts it and in a second launch, A B B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
@@ -70,7 +70,7 @@ def tilings(grid: str) -> list[Tiling]:
                        fused_reduction=False, merge_block=b)
                 for n, p, b in itertools.product((32, 64, 128), (1, 2, 4), (32, 128))]
     if grid == "merge":
-        plain = [default_tiling(128), dataclasses.replace(default_tiling(128), merge_block=128)]
+        plain = [default_tiling(128), dataclasses.replace(default_tiling(128), merge_block=32)]
         return [t for a in plain for t in (a, dataclasses.replace(a, fused_reduction=False),
                                            dataclasses.replace(a, fused_reduction=False), a)]
     if grid == "pdl":
@@ -108,7 +108,7 @@ def _name(t: Tiling) -> str:
             f"m{t.min_blocks_per_run}"
             + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction]
             + (" flat" if t.flat else "") + ("" if t.pdl else " no-pdl")
-            + ("" if t.merge_block == 32 else f" merge{t.merge_block}"))
+            + ("" if t.merge_block == 128 else f" merge{t.merge_block}"))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,

@@ -11,9 +11,10 @@ dim contiguous). One launch, or two::
                     that spans runs, each run writes a partial output and its
                     log2-sum-exp, and the last of them to finish (an atomic count per
                     request and KV head) rescales and sums them
-    _reduce_kernel  grid (Hq, B), where there are many runs a request (or with
-                    ``Tiling(fused_reduction=False)``): a second launch that merges
-                    every request's partials instead
+    _reduce_kernel  grid (Hq, B, head-dim slices), where there are many runs a request
+                    (or with ``Tiling(fused_reduction=False)``): a second launch that
+                    merges every request's partials instead, up to 128 of them in one
+                    load (a program then takes a slice of the head dim)
 
 On Hopper and newer both launches are programmatic (`Tiling.pdl`): each may start
 before the kernel ahead of it ends, and waits for it before reading what it writes.
@@ -591,9 +592,11 @@ class Tiling:
     program has passed that wait, and waits for the split launch to end before it
     reads the partials. On an H200 this took 0.6-1.4 us (5-8%) off batch-1 decodes
     (docs/benchmarks.md)."""
-    merge_block: int = 32
+    merge_block: int = 128
     """Partials a program of the merge launch loads at once (a power of two); with
-    more than 32, each program merges a slice of the head dim (4096 floats a load)."""
+    more than 32, each program merges a slice of the head dim (4096 floats a load).
+    128 against 32 (one head a program): 3-20% faster at batch 1 with 2 KV heads and
+    8K-64K tokens on an H200, the same at batch 8-32 (docs/benchmarks.md)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
