@@ -595,7 +595,7 @@ class Tiling:
     merge_block: int = 128
     """Partials a program of the merge launch loads at once (a power of two); with
     more than 32, each program merges a slice of the head dim (4096 floats a load).
-    128 against 32 (one head a program): 3-20% faster at batch 1 with 2 KV heads and
+    128 against 32 (one head a program): 3-19% faster at batch 1 with 2 KV heads and
     8K-64K tokens on an H200, the same at batch 8-32 (docs/benchmarks.md)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
