@@ -4,14 +4,13 @@ One query token per request attends over that request's slot of a ``[slots, Lmax
 Hkv, D]`` strided K/V view (both vattn layouts, any batch/sequence/head strides, last
 dim contiguous). One launch, or two::
 
-    _split_kernel   grid (num_splits,): the batch's KV blocks, laid end to end, once
-                    per KV head (head after head), are cut into num_splits equal runs;
-                    a program takes one run, each part of it with the query heads of
-                    its KV head (GQA group packed into the MMA tile). A request within
-                    one run is written to the output at once; for one that spans runs,
-                    each run writes a partial output and its log2-sum-exp, and the last
-                    of them to finish (an atomic count per request and KV head)
-                    rescales and sums them
+    _split_kernel   grid (num_splits, Hkv): the batch's KV blocks, laid end to end, are
+                    cut into num_splits equal runs; a program takes one run for the
+                    query heads of one KV head (GQA group packed into the MMA tile). A
+                    request within one run is written to the output at once; for one
+                    that spans runs, each run writes a partial output and its
+                    log2-sum-exp, and the last of them to finish (an atomic count per
+                    request and KV head) rescales and sums them
     _reduce_kernel  grid (Hq, B, head-dim slices), where there are many runs a request
                     (or with ``Tiling(fused_reduction=False)``): a second launch that
                     merges every request's partials instead, up to 128 of them in one
@@ -24,14 +23,11 @@ A program attends over the requests of its run one loop each (`_segment`), or, w
 ``Tiling(flat=True)``, in one loop over all the run's blocks (`_flat_run`).
 
           request 0          request 1      request 2 (empty)  request 3
-    |-----------------|--------------------||---------------------------|  KV head 0
+    |-----------------|--------------------||---------------------------|  blocks
     |  run 0   |   run 1    |   run 2   |   run 3    |   run 4   | run 5|  programs
-    |-----------------|--------------------||---------------------------|  KV head 1
-    |run 5 |   run 6  ...
 
-The grid depends on the SM count only, and every program gets the same work whatever
-the lengths and the KV heads: unequal lengths keep every SM busy, and so does a KV head
-count that does not divide the SMs (8 on 132). The runs are cut on
+The grid depends on the SM count and the KV heads only, and every program gets the
+same work whatever the lengths: unequal lengths keep every SM busy. The runs are cut on
 the device from the lengths (`_schedule`); programs past the last block exit at once.
 Nothing syncs with the host, so a decode step can be captured in a CUDA graph. Loads
 are masked to ``[start, length)``: no byte past a request's length is read.
@@ -58,15 +54,14 @@ MAX_BATCH = 4096        # rows a launch schedules (each program reads every row'
 
 @triton.jit
 def _schedule(  # type: ignore[no-untyped-def]
-    lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits, num_kv_heads,
+    lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
     HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The batch laid end to end, in blocks of BLOCK_N tokens, once per KV head (head
-    after head: block j of KV head h is number ``h * total + j``). Returns, as vectors
-    over the rows, each row's first token, its end and the running count of blocks
-    through it within one KV head, and the blocks of one run (``ceil(total *
-    num_kv_heads / num_splits)``). Every program computes the same schedule."""
+    """The batch laid end to end, in blocks of BLOCK_N tokens. Returns, as vectors over
+    the rows, each row's first token, its end and the running count of blocks through
+    it, and the blocks of one run (``ceil(total / num_splits)``). Every program
+    computes the same schedule."""
     rows = tl.arange(0, BLOCK_B)
     in_batch = rows < batch
     end = tl.minimum(tl.load(lens_ptr + rows, mask=in_batch, other=0).to(tl.int32), max_len)
@@ -79,7 +74,7 @@ def _schedule(  # type: ignore[no-untyped-def]
         end = tl.where((slot >= 0) & (slot < num_slots), end, start)
     blocks = tl.where(in_batch & (end > start), tl.cdiv(end - start, BLOCK_N), 0)
     through = tl.cumsum(blocks, 0)
-    run = tl.maximum(tl.cdiv(tl.sum(blocks, 0) * num_kv_heads, num_splits), 1)
+    run = tl.maximum(tl.cdiv(tl.sum(blocks, 0), num_splits), 1)
     return start, end, through, run
 
 
@@ -141,7 +136,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
-    qk_scale, batch, num_slots, max_len, num_splits, num_kv_heads,
+    qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
     FUSED: tl.constexpr, FLAT: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -153,71 +148,13 @@ def _split_kernel(  # type: ignore[no-untyped-def]
         if not FUSED:   # the merge launch may start now; it waits for this grid's end
             gdc_launch_dependents()
     piece = tl.program_id(0)        # the run of blocks this program takes
+    kv_head = tl.program_id(1)
     rows = tl.arange(0, BLOCK_B)
     start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
-        num_kv_heads, HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
-    total = tl.max(through, 0)      # through[-1]: one KV head's blocks
+        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
     lo = piece * run
-    hi = tl.minimum(lo + run, total * num_kv_heads)
-    # The KV heads holding blocks lo and hi - 1 (none where the run is past the end).
-    first_head = lo // tl.maximum(total, 1)
-    last_head = tl.where(lo < hi, (hi - 1) // tl.maximum(total, 1), first_head - 1)
-    if INTERPRETED:     # the interpreter cannot take loaded values as range() bounds
-        kv_head = first_head
-        while kv_head <= last_head:
-            _head_run(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr,
-                      arrive_ptr, start, end, through, run, rows, total, piece, kv_head,
-                      lo, hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl,
-                      stride_kh, stride_vb, stride_vl, stride_vh, stride_op, stride_oh,
-                      stride_lp, stride_outb, stride_outh, qk_scale, num_slots,
-                      num_kv_heads, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, FLAT,
-                      INTERPRETED, UPCAST, PRECISION, BLOCK_G, BLOCK_N, BLOCK_D)
-            kv_head += 1
-    else:
-        for kv_head in range(first_head, last_head + 1):
-            _head_run(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr,
-                      arrive_ptr, start, end, through, run, rows, total, piece, kv_head,
-                      lo, hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl,
-                      stride_kh, stride_vb, stride_vl, stride_vh, stride_op, stride_oh,
-                      stride_lp, stride_outb, stride_outh, qk_scale, num_slots,
-                      num_kv_heads, GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, FLAT,
-                      INTERPRETED, UPCAST, PRECISION, BLOCK_G, BLOCK_N, BLOCK_D)
-    if FUSED:   # (row, KV head) pairs with nothing to attend to: zeros, each by one program
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        zero_mask = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        zeros = tl.zeros([BLOCK_G, BLOCK_D], out_ptr.dtype.element_ty)
-        empty = (end <= start).to(tl.int32)
-        pair = piece
-        while pair < batch * num_kv_heads:
-            row = pair // num_kv_heads
-            if _pick(empty, rows, row) != 0:
-                heads = (pair % num_kv_heads) * GROUP + offs_g
-                tl.store(out_ptr + row * stride_outb + heads[:, None] * stride_outh
-                         + offs_d[None, :], zeros, mask=zero_mask)
-            pair += num_splits
-
-
-@triton.jit
-def _head_run(  # type: ignore[no-untyped-def]
-    q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr, arrive_ptr, start,
-    end, through, run, rows, total, piece, kv_head, lo, hi,
-    stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb,
-    stride_outh, qk_scale, num_slots, num_kv_heads,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, FLAT: tl.constexpr,
-    INTERPRETED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The part of run `piece` (global blocks ``[lo, hi)``) that lies in KV head
-    `kv_head`. Block numbers stay global: the head's running counts are offset by the
-    blocks of the heads before it."""
-    base = kv_head * total
-    through = through + base
-    lo = tl.maximum(lo, base)
-    hi = tl.minimum(hi, base + total)
+    hi = tl.minimum(lo + run, tl.max(through, 0))       # through[-1]: all the blocks
     # The rows holding blocks lo and hi - 1: the rows that end at or before it, counted.
     first_row = tl.sum((through <= lo).to(tl.int32), 0)
     last_row = tl.sum((through <= hi - 1).to(tl.int32), 0)
@@ -226,19 +163,19 @@ def _head_run(  # type: ignore[no-untyped-def]
                   arrive_ptr, start, end, through, run, rows, first_row, last_row, piece,
                   kv_head, lo, hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl,
                   stride_kh, stride_vb, stride_vl, stride_vh, stride_op, stride_oh,
-                  stride_lp, stride_outb, stride_outh, qk_scale, num_slots, num_kv_heads,
-                  GROUP, HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST,
-                  PRECISION, BLOCK_G, BLOCK_N, BLOCK_D)
-    elif INTERPRETED:
+                  stride_lp, stride_outb, stride_outh, qk_scale, num_slots, GROUP,
+                  HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION,
+                  BLOCK_G, BLOCK_N, BLOCK_D)
+    elif INTERPRETED:   # the interpreter cannot take loaded values as range() bounds
         row = first_row
         while row <= last_row:
             _segment(q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, o_ptr, lse_ptr, out_ptr,
                      arrive_ptr, start, end, through, run, rows, row, piece, kv_head, lo,
                      hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
-                     stride_outb, stride_outh, qk_scale, num_slots, num_kv_heads, GROUP,
-                     HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION,
-                     BLOCK_G, BLOCK_N, BLOCK_D)
+                     stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
+                     KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
+                     BLOCK_N, BLOCK_D)
             row += 1
     else:
         for row in range(first_row, last_row + 1):
@@ -246,9 +183,22 @@ def _head_run(  # type: ignore[no-untyped-def]
                      arrive_ptr, start, end, through, run, rows, row, piece, kv_head, lo,
                      hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
-                     stride_outb, stride_outh, qk_scale, num_slots, num_kv_heads, GROUP,
-                     HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION,
-                     BLOCK_G, BLOCK_N, BLOCK_D)
+                     stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
+                     KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
+                     BLOCK_N, BLOCK_D)
+    if FUSED:   # rows with nothing to attend to: zeros, each row by one program
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + offs_g
+        zero_mask = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        zeros = tl.zeros([BLOCK_G, BLOCK_D], out_ptr.dtype.element_ty)
+        empty = (end <= start).to(tl.int32)
+        row = piece
+        while row < batch:
+            if _pick(empty, rows, row) != 0:
+                tl.store(out_ptr + row * stride_outb + heads[:, None] * stride_outh
+                         + offs_d[None, :], zeros, mask=zero_mask)
+            row += num_splits
 
 
 @triton.jit
@@ -277,14 +227,14 @@ def _row_slot(slots_ptr, row, num_slots, KV_BLOCK: tl.constexpr,  # type: ignore
 
 
 @triton.jit
-def _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, num_kv_heads,  # type: ignore[no-untyped-def]
-            heads, offs_d, g_mask, gd_mask, first_piece, last_piece, stride_op, stride_oh,
+def _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, heads,  # type: ignore[no-untyped-def]
+            offs_d, g_mask, gd_mask, first_piece, last_piece, stride_op, stride_oh,
             stride_lp, stride_outb, stride_outh, BLOCK_G: tl.constexpr,
             BLOCK_D: tl.constexpr):
     """Count this run's arrival at `row` (its partial is stored); the last of the row's
     runs to arrive merges the partials into the output and resets the count."""
     tl.debug_barrier()
-    count = arrive_ptr + row * num_kv_heads + kv_head
+    count = arrive_ptr + row * tl.num_programs(1) + kv_head
     arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
     if arrived == last_piece - first_piece:
         tl.debug_barrier()
@@ -312,7 +262,7 @@ def _flat_run(  # type: ignore[no-untyped-def]
     end, through, run, rows, first_row, last_row, piece, kv_head, lo, hi,
     stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb,
-    stride_outh, qk_scale, num_slots, num_kv_heads,
+    stride_outh, qk_scale, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -354,31 +304,30 @@ def _flat_run(  # type: ignore[no-untyped-def]
                 HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
     if FUSED and lo < hi:
         _arrive_if_split(o_ptr, lse_ptr, out_ptr, arrive_ptr, start, end, through, run,
-                         rows, first_row, kv_head, num_kv_heads, heads, offs_d, g_mask,
-                         gd_mask, stride_op, stride_oh, stride_lp, stride_outb,
-                         stride_outh, BLOCK_G, BLOCK_N, BLOCK_D)
+                         rows, first_row, kv_head, heads, offs_d, g_mask, gd_mask,
+                         stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
+                         BLOCK_G, BLOCK_N, BLOCK_D)
         if last_row != first_row:
             _arrive_if_split(o_ptr, lse_ptr, out_ptr, arrive_ptr, start, end, through,
-                             run, rows, last_row, kv_head, num_kv_heads, heads, offs_d,
-                             g_mask, gd_mask, stride_op, stride_oh, stride_lp,
-                             stride_outb, stride_outh, BLOCK_G, BLOCK_N, BLOCK_D)
+                             run, rows, last_row, kv_head, heads, offs_d, g_mask, gd_mask,
+                             stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
+                             BLOCK_G, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def _arrive_if_split(  # type: ignore[no-untyped-def]
     o_ptr, lse_ptr, out_ptr, arrive_ptr, start, end, through, run, rows, row, kv_head,
-    num_kv_heads, heads, offs_d, g_mask, gd_mask, stride_op, stride_oh, stride_lp,
-    stride_outb, stride_outh, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    heads, offs_d, g_mask, gd_mask, stride_op, stride_oh, stride_lp, stride_outb,
+    stride_outh, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """`_arrive` for `row` if its blocks lie in more than one run."""
     _, _, row_first, row_through = _row_bounds(start, end, through, rows, row, BLOCK_N)
     first_piece = row_first // run
     last_piece = (row_through - 1) // run
     if first_piece != last_piece:
-        _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, num_kv_heads, heads,
-                offs_d, g_mask, gd_mask, first_piece, last_piece, stride_op, stride_oh,
-                stride_lp, stride_outb, stride_outh, BLOCK_G, BLOCK_D)
+        _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, heads, offs_d, g_mask,
+                gd_mask, first_piece, last_piece, stride_op, stride_oh, stride_lp,
+                stride_outb, stride_outh, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
@@ -433,7 +382,7 @@ def _segment(  # type: ignore[no-untyped-def]
     end, through, run, rows, row, piece, kv_head, lo, hi,
     stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb,
-    stride_outh, qk_scale, num_slots, num_kv_heads,
+    stride_outh, qk_scale, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -501,9 +450,9 @@ def _segment(  # type: ignore[no-untyped-def]
                  acc / safe_l[:, None], mask=gd_mask)
         tl.store(lse_ptr + index * stride_lp + heads, lse, mask=g_mask)
         if FUSED:   # release the partial, count the arrival; the last one merges
-            _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, num_kv_heads,
-                    heads, offs_d, g_mask, gd_mask, first_piece, last_piece, stride_op,
-                    stride_oh, stride_lp, stride_outb, stride_outh, BLOCK_G, BLOCK_D)
+            _arrive(o_ptr, lse_ptr, out_ptr, arrive_ptr, row, kv_head, heads, offs_d,
+                    g_mask, gd_mask, first_piece, last_piece, stride_op, stride_oh,
+                    stride_lp, stride_outb, stride_outh, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
@@ -522,9 +471,8 @@ def fold_partial(m, denom, total, lse, o):  # type: ignore[no-untyped-def]
 def _reduce_kernel(  # type: ignore[no-untyped-def]
     lens_ptr, slots_ptr, starts_ptr, o_ptr, lse_ptr, out_ptr,
     stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
-    batch, num_slots, max_len, num_splits, num_kv_heads,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr,
-    CHECK_SLOTS: tl.constexpr,
+    batch, num_slots, max_len, num_splits,
+    HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
     INTERPRETED: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DM: tl.constexpr,
@@ -536,11 +484,10 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     # starts only once every split program has passed it (PDL).
     start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
-        num_kv_heads, HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
     if PDL:     # the partials: written by the split launch, visible once it completes
         gdc_wait()
-    # Global block numbers: the blocks of the KV heads before this one come first.
-    row_through = _pick(through, rows, row) + (head // GROUP) * tl.max(through, 0)
+    row_through = _pick(through, rows, row)
     row_first = row_through - tl.cdiv(tl.maximum(_pick(end - start, rows, row), 0), BLOCK_N)
     # The runs holding the row's first and last blocks wrote partials piece + row.
     first = row_first // run + row
@@ -688,28 +635,26 @@ FUSED_RUNS_PER_REQUEST = 4
 """The most runs per request (on average) for which the split launch merges too."""
 
 
-def merges_in_launch(tiling: Tiling, num_splits: int, batch: int, num_kv_heads: int) -> bool:
+def merges_in_launch(tiling: Tiling, num_splits: int, batch: int) -> bool:
     """Whether the split launch merges the partials itself. By default only when the runs
-    are at most `FUSED_RUNS_PER_REQUEST` a request and KV head: the merging program
-    reads a request's partials one after the other, so with many runs a request (batch
-    1 at 64 runs: 16.5 against 8.7 us on an H200) the parallel second launch is faster,
-    and with few it saves a launch (1-2% at batch 4-32, docs/benchmarks.md)."""
+    are at most `FUSED_RUNS_PER_REQUEST` a request: the merging program reads a
+    request's partials one after the other, so with many runs a request (batch 1 at
+    64 runs: 16.5 against 8.7 us on an H200) the parallel second launch is faster, and
+    with few it saves a launch (1-2% at batch 4-32, docs/benchmarks.md)."""
     if tiling.fused_reduction is not None:
         return tiling.fused_reduction
-    return num_splits <= FUSED_RUNS_PER_REQUEST * batch * num_kv_heads
+    return num_splits <= FUSED_RUNS_PER_REQUEST * batch
 
 
 def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
                    tiling: Tiling) -> int:
-    """Runs the KV of the batch and of every KV head, laid end to end, is cut into (one
-    program each): `tiling.programs_per_sm` programs per SM (one wave, whatever the KV
-    heads: a run may end in one KV head and go on in the next), fewer where runs of
-    every request at ``Lmax`` would be shorter than `tiling.min_blocks_per_run` tiles;
-    from the SM count, the batch, the KV heads and ``Lmax`` only (never the lengths:
-    the grid is fixed)."""
-    want = tiling.programs_per_sm * _sm_count(device)
-    blocks = num_kv_heads * batch * triton.cdiv(max_len, tiling.block_n)
-    return max(1, min(want, triton.cdiv(blocks, tiling.min_blocks_per_run), MAX_SPLITS))
+    """Runs the batch's KV is cut into, per KV head: `tiling.programs_per_sm` programs
+    per SM in all (rounded down: one wave), fewer where runs of every request at
+    ``Lmax`` would be shorter than `tiling.min_blocks_per_run` tiles; from the SM count,
+    the batch, the KV heads and ``Lmax`` only (never the lengths: the grid is fixed)."""
+    want = tiling.programs_per_sm * _sm_count(device) // num_kv_heads
+    most = triton.cdiv(batch * triton.cdiv(max_len, tiling.block_n), tiling.min_blocks_per_run)
+    return max(1, min(want, most, MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -735,9 +680,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softmax_scale: default ``D ** -0.5``.
         out: ``[B, Hq, D]`` of q's dtype to write into (for CUDA graphs); allocated if
             None.
-        num_splits: cut the KV of the batch and of every KV head, laid end to end,
-            into this many equal runs, at most `MAX_SPLITS` (tests); default
-            `num_splits_for`.
+        num_splits: cut the batch's KV, laid end to end, into this many equal runs
+            per KV head (tests); default `num_splits_for`.
         workspace: int32, at least ``B * Hkv`` elements, all zero: the arrival counts
             of the merge, which the call leaves at zero again. Reuse one across calls
             (or a CUDA graph's replays) to save the memset of a fresh one; never share
@@ -774,8 +718,6 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous "
                               f"last dim, got {tuple(out.shape)} {out.dtype}")
-    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
-        raise InvalidArgument(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if batch == 0:
         return out
     require_runnable(q.device)
@@ -787,7 +729,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     lse = torch.empty(splits + batch, num_heads, device=q.device, dtype=torch.float32)
     scale = (softmax_scale if softmax_scale is not None else head_dim ** -0.5) * LOG2E
     dummy = lens                        # stands for absent pointers (never read)
-    fused = merges_in_launch(tiling, splits, batch, num_kv_heads)
+    fused = merges_in_launch(tiling, splits, batch)
     # Arrivals per (request, KV head); the merging program sets its count back to 0.
     if not fused:
         arrive = dummy                  # never read
@@ -801,7 +743,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
                   BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
                   BLOCK_D=block_d)
     launch_options = {"launch_pdl": True} if pdl else {}
-    _split_kernel[(splits,)](
+    _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
         starts if starts is not None else dummy, table if table is not None else dummy,
         part, lse, out, arrive,
@@ -809,7 +751,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
-        scale, batch, num_slots, max_len, splits, num_kv_heads,
+        scale, batch, num_slots, max_len, splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
         HAS_SLOTS=slots is not None, FUSED=fused, FLAT=tiling.flat,
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
@@ -826,9 +768,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         lens, slots if slots is not None else dummy, starts if starts is not None else dummy,
         part, lse, out,
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
-        batch, num_slots, max_len, splits, num_kv_heads,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_S=merge_block,
-        BLOCK_DM=merge_d, **shared, num_warps=4,
+        batch, num_slots, max_len, splits,
+        HEAD_DIM=head_dim, BLOCK_S=merge_block, BLOCK_DM=merge_d, **shared, num_warps=4,
         **launch_options)
     return out
 
