@@ -681,7 +681,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out: ``[B, Hq, D]`` of q's dtype to write into (for CUDA graphs); allocated if
             None.
         num_splits: cut the batch's KV, laid end to end, into this many equal runs
-            per KV head (tests); default `num_splits_for`.
+            per KV head, at most `MAX_SPLITS` (tests); default `num_splits_for`.
         workspace: int32, at least ``B * Hkv`` elements, all zero: the arrival counts
             of the merge, which the call leaves at zero again. Reuse one across calls
             (or a CUDA graph's replays) to save the memset of a fresh one; never share
@@ -718,6 +718,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous "
                               f"last dim, got {tuple(out.shape)} {out.dtype}")
+    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
+        raise InvalidArgument(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if batch == 0:
         return out
     require_runnable(q.device)

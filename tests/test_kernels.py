@@ -437,6 +437,16 @@ def test_both_reductions_overwrite_every_row_of_out_twice(merge: str, loop: str)
             assert torch.equal(out[4], torch.zeros_like(out[4]))   # start past the length
 
 
+def test_a_bad_run_count_is_refused() -> None:
+    k = torch.randn(2, 32, HKV, D, device=DEVICE).to(torch.float16)
+    q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
+    out = torch.full_like(q, 7.0)
+    for splits in (0, -1, 1025):
+        with pytest.raises(InvalidArgument, match="num_splits"):
+            decode_attention(q, k, k, _ints([3, 4]), out=out, num_splits=splits)
+        assert torch.equal(out, torch.full_like(q, 7.0))
+
+
 @pytest.mark.parametrize("flat", [False, True])
 def test_a_run_starts_each_request_afresh(flat: bool) -> None:
     # Two requests in one run, the first with scores hundreds of times larger: carried
