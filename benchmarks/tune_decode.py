@@ -54,18 +54,11 @@ def tilings(grid: str) -> list[Tiling]:
     default and 64-token tiles at two programs an SM, each with and without
     programmatic dependent launch, A B B A; ``short``: small tiles and many programs
     per SM (tile tokens x programs per SM x partials a merge program loads at once), the
-    merge in a second launch, for case (a); ``pack``: the default and 2, 4, 8 KV heads a
-    program (tiles of 64, 32, 16 tokens: 128 rows each), A B C D D C B A; ``merge``: the
-    default, and the default with 32 partials a merge program loads at once (the old
-    merge), each with the merge where `merges_in_launch` puts it and in a second launch,
-    A B B A; ``quick``: the default only."""
+    merge in a second launch, for case (a); ``merge``: the default, and the default
+    with 32 partials a merge program loads at once (the old merge), each with the merge where
+    `merges_in_launch` puts it and in a second launch, A B B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
-    if grid == "pack":
-        packed = [default_tiling(128)] + [
-            Tiling(block_n=n, num_warps=4, num_stages=3, programs_per_sm=1,
-                   kv_heads_per_program=h) for n, h in ((64, 2), (32, 4), (16, 8))]
-        return packed + packed[::-1]
     if grid == "layout":
         around = [default_tiling(128)] + [
             Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
@@ -115,8 +108,7 @@ def _name(t: Tiling) -> str:
             f"m{t.min_blocks_per_run}"
             + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction]
             + (" flat" if t.flat else "") + ("" if t.pdl else " no-pdl")
-            + ("" if t.merge_block == 128 else f" merge{t.merge_block}")
-            + ("" if t.kv_heads_per_program == 1 else f" kv{t.kv_heads_per_program}"))
+            + ("" if t.merge_block == 128 else f" merge{t.merge_block}"))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
@@ -233,8 +225,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
-                                           "pair", "layout", "pdl", "short", "merge", "pack",
-                                           "quick"),
+                                           "pair", "layout", "pdl", "short", "merge", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "

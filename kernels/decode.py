@@ -36,7 +36,6 @@ are masked to ``[start, length)``: no byte past a request's length is read.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -88,24 +87,19 @@ def _pick(values, rows, row):  # type: ignore[no-untyped-def]
 @triton.jit
 def _attend_block(  # type: ignore[no-untyped-def]
     q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
-    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
+    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
     HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP: tl.constexpr, PACK: tl.constexpr,
 ):
     """Online softmax over one tile of BLOCK_N tokens: returns the new (m, l, acc).
 
     Contiguous (KV_BLOCK == 0): token `pos` is at ``base + pos * stride_l``. Paged (the
     twin for the ablation): it is at ``base + table[pos // KV_BLOCK] * stride_b +
     (pos % KV_BLOCK) * stride_l``; a block id out of range reads nothing.
-
-    PACK > 1 KV heads at once (``base + j * stride_h``, j < PACK): the tile has a row
-    per token and head, and query row r (GROUP of them a program, GROUP // PACK per KV
-    head) scores only the rows of its own KV head.
     """
-    offs_n = tl.arange(0, BLOCK_N * PACK)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    pos = start + block * BLOCK_N + offs_n // PACK
+    pos = start + block * BLOCK_N + offs_n
     n_mask = pos < end
     if KV_BLOCK > 0:
         block_id = tl.load(table + pos // KV_BLOCK, mask=n_mask, other=-1)
@@ -118,21 +112,12 @@ def _attend_block(  # type: ignore[no-untyped-def]
         pos64 = pos.to(tl.int64)[:, None]
         k_off = pos64 * stride_kl
         v_off = pos64 * stride_vl
-    if PACK > 1:
-        k_off += (offs_n % PACK)[:, None] * stride_kh
-        v_off += (offs_n % PACK)[:, None] * stride_vh
     kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if PACK > 1:    # a padding row (r >= GROUP, q zero) may score any: it stays finite
-        offs_r = tl.arange(0, q.shape[0])
-        own = ((offs_r // (GROUP // PACK))[:, None] == (offs_n % PACK)[None, :]) | (
-            offs_r >= GROUP)[:, None]
-        qk = tl.where(n_mask[None, :] & own, qk, float("-inf"))
-    else:
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    qk = tl.where(n_mask[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
@@ -153,7 +138,6 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
     qk_scale, batch, num_slots, max_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-    PACK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
     FUSED: tl.constexpr, FLAT: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -180,7 +164,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                   kv_head, lo, hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl,
                   stride_kh, stride_vb, stride_vl, stride_vh, stride_op, stride_oh,
                   stride_lp, stride_outb, stride_outh, qk_scale, num_slots, GROUP,
-                  HEAD_DIM, KV_BLOCK, PACK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION,
+                  HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION,
                   BLOCK_G, BLOCK_N, BLOCK_D)
     elif INTERPRETED:   # the interpreter cannot take loaded values as range() bounds
         row = first_row
@@ -190,7 +174,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
-                     KV_BLOCK, PACK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
+                     KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
                      BLOCK_N, BLOCK_D)
             row += 1
     else:
@@ -200,7 +184,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      hi, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
-                     KV_BLOCK, PACK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
+                     KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
                      BLOCK_N, BLOCK_D)
     if FUSED:   # rows with nothing to attend to: zeros, each row by one program
         offs_g = tl.arange(0, BLOCK_G)
@@ -280,7 +264,6 @@ def _flat_run(  # type: ignore[no-untyped-def]
     stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb,
     stride_outh, qk_scale, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-    PACK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -308,8 +291,7 @@ def _flat_run(  # type: ignore[no-untyped-def]
                 gd_mask, m_i, l_i, acc, stride_qb, stride_qh, stride_tb, stride_kb,
                 stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_op,
                 stride_oh, stride_lp, stride_outb, stride_outh, qk_scale, num_slots,
-                GROUP, HEAD_DIM, KV_BLOCK, PACK, HAS_SLOTS, FUSED, UPCAST, PRECISION, BLOCK_N,
-                BLOCK_D)
+                HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
             blk += 1
     else:
         for blk in range(lo, hi):
@@ -319,8 +301,7 @@ def _flat_run(  # type: ignore[no-untyped-def]
                 gd_mask, m_i, l_i, acc, stride_qb, stride_qh, stride_tb, stride_kb,
                 stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_op,
                 stride_oh, stride_lp, stride_outb, stride_outh, qk_scale, num_slots,
-                GROUP, HEAD_DIM, KV_BLOCK, PACK, HAS_SLOTS, FUSED, UPCAST, PRECISION, BLOCK_N,
-                BLOCK_D)
+                HEAD_DIM, KV_BLOCK, HAS_SLOTS, FUSED, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
     if FUSED and lo < hi:
         _arrive_if_split(o_ptr, lse_ptr, out_ptr, arrive_ptr, start, end, through, run,
                          rows, first_row, kv_head, heads, offs_d, g_mask, gd_mask,
@@ -356,8 +337,7 @@ def _flat_block(  # type: ignore[no-untyped-def]
     acc, stride_qb, stride_qh, stride_tb, stride_kb, stride_kl, stride_kh, stride_vb,
     stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb, stride_outh,
     qk_scale, num_slots,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-    PACK: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, HAS_SLOTS: tl.constexpr,
     FUSED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -372,11 +352,11 @@ def _flat_block(  # type: ignore[no-untyped-def]
     if UPCAST:
         q = q.to(tl.float32)
     m_i, l_i, acc = _attend_block(
-        q, k_ptr + slot * stride_kb + kv_head * PACK * stride_kh,
-        v_ptr + slot * stride_vb + kv_head * PACK * stride_vh, table_ptr + row * stride_tb,
+        q, k_ptr + slot * stride_kb + kv_head * stride_kh,
+        v_ptr + slot * stride_vb + kv_head * stride_vh, table_ptr + row * stride_tb,
         blk - row_first, row_start, row_end, m_i, l_i, acc, num_slots, stride_kb,
-        stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale, HEAD_DIM, KV_BLOCK,
-        UPCAST, PRECISION, BLOCK_N, BLOCK_D, GROUP, PACK)
+        stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, KV_BLOCK, UPCAST, PRECISION,
+        BLOCK_N, BLOCK_D)
     if blk == tl.minimum(hi, row_through) - 1:      # the row's last block in this run
         has = l_i > 0
         safe_l = tl.where(has, l_i, 1.0)
@@ -404,7 +384,6 @@ def _segment(  # type: ignore[no-untyped-def]
     stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp, stride_outb,
     stride_outh, qk_scale, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-    PACK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -431,8 +410,8 @@ def _segment(  # type: ignore[no-untyped-def]
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:          # the interpreter's bf16 tl.dot is wrong (triton 3.6): use fp32
         q = q.to(tl.float32)
-    k_base = k_ptr + slot * stride_kb + kv_head * PACK * stride_kh
-    v_base = v_ptr + slot * stride_vb + kv_head * PACK * stride_vh
+    k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
     table = table_ptr + row * stride_tb
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -443,17 +422,15 @@ def _segment(  # type: ignore[no-untyped-def]
         while block < last_block:
             m_i, l_i, acc = _attend_block(
                 q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
-                num_slots, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-                qk_scale, HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D, GROUP,
-                PACK)
+                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
+                KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
             block += 1
     else:
         for block in range(first_block, last_block):
             m_i, l_i, acc = _attend_block(
                 q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
-                num_slots, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-                qk_scale, HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D, GROUP,
-                PACK)
+                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
+                KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
 
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
@@ -620,12 +597,6 @@ class Tiling:
     more than 32, each program merges a slice of the head dim (4096 floats a load).
     128 against 32 (one head a program): 3-19% faster at batch 1 with 2 KV heads and
     8K-64K tokens on an H200, the same at batch 8-32 (docs/benchmarks.md)."""
-    kv_heads_per_program: int = 1
-    """KV heads a program attends for at once (a power of two; fewer where the KV heads
-    are not a multiple of it): each tile holds `block_n` tokens of each, a row per
-    token and head, so a program reads each token's heads as one contiguous piece, and
-    the query heads of all of them share the MMA tile (with 4 query heads a KV head,
-    4 KV heads fill the 16 rows that one KV head leaves three quarters empty)."""
     flat: bool = False
     """True: a program walks all the blocks of its run in one pipelined loop, the
     request changing inside it (`_flat_run`); each block finds its request from the
@@ -639,10 +610,6 @@ class Tiling:
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.merge_block < 1 or self.merge_block & (self.merge_block - 1):
             raise ValueError(f"merge_block must be a power of two, got {self.merge_block}")
-        if self.kv_heads_per_program < 1 or (self.kv_heads_per_program
-                                             & (self.kv_heads_per_program - 1)):
-            raise ValueError(f"kv_heads_per_program must be a power of two, got "
-                             f"{self.kv_heads_per_program}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if min(self.num_stages, self.programs_per_sm, self.min_blocks_per_run) < 1:
@@ -679,20 +646,13 @@ def merges_in_launch(tiling: Tiling, num_splits: int, batch: int) -> bool:
     return num_splits <= FUSED_RUNS_PER_REQUEST * batch
 
 
-def kv_pack(tiling: Tiling, num_kv_heads: int) -> int:
-    """KV heads one program takes: `Tiling.kv_heads_per_program`, or the largest power
-    of two below it that divides the KV heads."""
-    return math.gcd(tiling.kv_heads_per_program, num_kv_heads)
-
-
 def num_splits_for(device: torch.device, batch: int, num_kv_heads: int, max_len: int,
                    tiling: Tiling) -> int:
     """Runs the batch's KV is cut into, per KV head: `tiling.programs_per_sm` programs
     per SM in all (rounded down: one wave), fewer where runs of every request at
     ``Lmax`` would be shorter than `tiling.min_blocks_per_run` tiles; from the SM count,
     the batch, the KV heads and ``Lmax`` only (never the lengths: the grid is fixed)."""
-    programs = num_kv_heads // kv_pack(tiling, num_kv_heads)    # a run each
-    want = tiling.programs_per_sm * _sm_count(device) // programs
+    want = tiling.programs_per_sm * _sm_count(device) // num_kv_heads
     most = triton.cdiv(batch * triton.cdiv(max_len, tiling.block_n), tiling.min_blocks_per_run)
     return max(1, min(want, most, MAX_SPLITS))
 
@@ -766,8 +726,6 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiling = tiling or default_tiling(head_dim)
     splits = num_splits or num_splits_for(q.device, batch, num_kv_heads, max_len, tiling)
-    pack = kv_pack(tiling, num_kv_heads)
-    group = pack * (num_heads // num_kv_heads)      # query heads a program
     part = torch.empty(splits + batch, num_heads, head_dim, device=q.device,
                        dtype=torch.float32)     # partial piece + row, for every run
     lse = torch.empty(splits + batch, num_heads, device=q.device, dtype=torch.float32)
@@ -787,7 +745,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
                   BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
                   BLOCK_D=block_d)
     launch_options = {"launch_pdl": True} if pdl else {}
-    _split_kernel[(splits, num_kv_heads // pack)](
+    _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
         starts if starts is not None else dummy, table if table is not None else dummy,
         part, lse, out, arrive,
@@ -796,11 +754,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         v.stride(0), v.stride(1), v.stride(2),
         part.stride(0), part.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         scale, batch, num_slots, max_len, splits,
-        GROUP=group, HEAD_DIM=head_dim, KV_BLOCK=kv_block, PACK=pack,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, KV_BLOCK=kv_block,
         HAS_SLOTS=slots is not None, FUSED=fused, FLAT=tiling.flat,
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
-        BLOCK_G=max(16, triton.next_power_of_2(group)), **shared,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options)
     if fused:
         return out

@@ -262,15 +262,15 @@ def _decode_split(  # type: ignore[no-untyped-def]
             while block < last_block:
                 m_i, l_i, acc = _attend_block(
                     q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
-                    stride_kb, stride_kl, 0, stride_vb, stride_vl, 0, qk_scale, HEAD_DIM, 0,
-                    UPCAST, PRECISION, BLOCK_N, BLOCK_D, 1, 1)
+                    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
+                    PRECISION, BLOCK_N, BLOCK_D)
                 block += 1
         else:
             for block in tl.range(0, last_block, num_stages=STAGES):
                 m_i, l_i, acc = _attend_block(
                     q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
-                    stride_kb, stride_kl, 0, stride_vb, stride_vl, 0, qk_scale, HEAD_DIM, 0,
-                    UPCAST, PRECISION, BLOCK_N, BLOCK_D, 1, 1)
+                    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
+                    PRECISION, BLOCK_N, BLOCK_D)
         has = l_i > 0
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         part = part_ptr + (unit * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]

@@ -437,44 +437,6 @@ def test_both_reductions_overwrite_every_row_of_out_twice(merge: str, loop: str)
             assert torch.equal(out[4], torch.zeros_like(out[4]))   # start past the length
 
 
-@pytest.mark.parametrize("pack", [2, 4, 8])
-@pytest.mark.parametrize("variant", ["fused", "two launches", "flat", "paged"])
-def test_kv_heads_packed_in_one_program_match_the_reference(pack: int, variant: str) -> None:
-    # 4 KV heads of 3 query heads each: 6 or 12 of a program's 16 MMA rows in use at 2
-    # or 4 KV heads a program; 8 falls back to 4, the KV heads. Row 3 is empty, row 4
-    # starts past its length: zeros.
-    from vattn.kernels import Tiling
-    from vattn.kernels.decode import kv_pack, launch
-
-    heads, lmax, block = 4, 96, 16
-    assert kv_pack(Tiling(16, 4, 2, 1, kv_heads_per_program=pack), heads) == min(pack, 4)
-    tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1,
-                    fused_reduction=variant != "two launches", flat=variant == "flat",
-                    kv_heads_per_program=pack)
-    k = torch.randn(5, lmax, heads, D, device=DEVICE).to(torch.float16)
-    v = torch.randn_like(k)
-    q = torch.randn(5, 3 * heads, D, device=DEVICE).to(torch.float16)
-    lengths, slots, starts = [96, 17, 40, 0, 30], [4, 3, 2, 1, 0], [0, 0, 5, 0, 31]
-    ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
-    for splits in (1, 3, 9):
-        out = torch.full_like(q, float("nan"))
-        if variant == "paged":          # each slot's blocks, shuffled, behind a table
-            order = torch.randperm(5 * lmax // block, generator=torch.Generator()
-                                   .manual_seed(splits)).to(DEVICE)
-            kb = k.reshape(-1, block, heads, D)[order.argsort()]
-            vb = v.reshape(-1, block, heads, D)[order.argsort()]
-            table = order.reshape(5, lmax // block)[torch.tensor(slots, device=DEVICE)]
-            launch(q, kb, vb, _ints(lengths), None, _ints(starts), table.to(torch.int32),
-                   block, kb.shape[0], lmax, None, out, splits, tiling)
-        else:
-            launch(q, k, v, _ints(lengths), _ints(slots), _ints(starts), None, 0, 5, lmax,
-                   None, out, splits, tiling)
-        assert not torch.isnan(out).any(), splits
-        assert relative_error(out, ref) < 1e-2, splits
-        for row in (3, 4):
-            assert torch.equal(out[row], torch.zeros_like(out[row])), (splits, row)
-
-
 def test_a_bad_run_count_is_refused() -> None:
     k = torch.randn(2, 32, HKV, D, device=DEVICE).to(torch.float16)
     q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
