@@ -34,7 +34,9 @@ SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, Tru
           ("a-2k", 1, 16, 2, 128, 2048, True), ("a-4k", 1, 16, 2, 128, 4096, True),
           ("a-8k", 1, 16, 2, 128, 8192, True), ("a-16k", 1, 16, 2, 128, 16384, True),
           ("a-32k", 1, 16, 2, 128, 32768, True),
-          ("a-64k", 1, 16, 2, 128, 65536, True), ("b-1", 1, 32, 8, 128, 16384, True),
+          ("a-64k", 1, 16, 2, 128, 65536, True), ("a-512-b2", 2, 16, 2, 128, 512, True),
+          ("a-1k-b4", 4, 16, 2, 128, 1024, True), ("a-2k-b2", 2, 16, 2, 128, 2048, True),
+          ("b-1-2k", 1, 32, 8, 128, 2048, True), ("b-1", 1, 32, 8, 128, 16384, True),
           ("b-4", 4, 32, 8, 128, 16384, True), ("b-8", 8, 32, 8, 128, 16384, True),
           ("b-16", 16, 32, 8, 128, 16384, True),
           ("b-8-unequal", 8, 32, 8, 128, 16384, False),
@@ -54,11 +56,15 @@ def tilings(grid: str) -> list[Tiling]:
     default and 64-token tiles at two programs an SM, each with and without
     programmatic dependent launch, A B B A; ``short``: small tiles and many programs
     per SM (tile tokens x programs per SM x partials a merge program loads at once), the
-    merge in a second launch, for case (a); ``merge``: the default, and the default
+    merge in a second launch, for case (a); ``tile``: the default at 128, 64, 32 and 16
+    tokens a tile, A B C D D C B A; ``merge``: the default, and the default
     with 32 partials a merge program loads at once (the old merge), each with the merge where
     `merges_in_launch` puts it and in a second launch, A B B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "tile":
+        tiles = [dataclasses.replace(default_tiling(128), block_n=n) for n in (128, 64, 32, 16)]
+        return tiles + tiles[::-1]
     if grid == "layout":
         around = [default_tiling(128)] + [
             Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
@@ -225,7 +231,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
-                                           "pair", "layout", "pdl", "short", "merge", "quick"),
+                                           "pair", "layout", "pdl", "short", "merge", "tile",
+                                           "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "
