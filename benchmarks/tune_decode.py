@@ -9,7 +9,8 @@ moves their times by 11-12% (docs/benchmarks.md), the cache's do not.
 
 Each configuration's output is checked against the default tiling's before it is timed.
 Prints one Markdown table per shape (fastest first) and a summary of the best tiling
-against the default; ``--json PATH`` keeps every timing.
+against the one a plain call launches with (`tiling_for` of the shape; timed too where
+the grid lacks it); ``--json PATH`` keeps every timing.
 
     python3 benchmarks/tune_decode.py --json tune.json
 """
@@ -26,7 +27,7 @@ import torch
 
 from vattn.bench import common
 from vattn.bench.decode import Workload, layers_for_cold_l2
-from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch
+from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch, tiling_for
 from vattn.kernels.paged import paged_tiling
 
 # (name, batch, query heads, KV heads, head dim, context, equal lengths)
@@ -45,7 +46,8 @@ SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, Tru
 
 
 def tilings(grid: str) -> list[Tiling]:
-    """``full``: tile tokens x warps x stages x programs per SM; ``runs``: the shortest
+    """("The default" below is `default_tiling(128)`.) ``full``: tile tokens x warps x
+    stages x programs per SM; ``runs``: the shortest
     run (tiles) for the two best of the full sweep; ``paged``: tile tokens x stages x
     programs per SM for the paged twin; ``reduction``: two tilings, each with the merge
     in the split launch and in a second launch; ``flat``: two tilings, each with a loop
@@ -252,22 +254,25 @@ def main() -> None:
     header = common.device_environment(torch.device("cuda"))
     print(common.header_line(header))
     configs = tilings(args.grid)
-    default = paged_tiling(128) if args.paged else default_tiling(128)
-    if default not in configs:
-        configs.append(default)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     wanted = args.shapes.split(",")
     rows: list[dict[str, Any]] = []
     summary = []
     if args.allocations < 1:
         raise SystemExit(f"--allocations must be >= 1, got {args.allocations}")
     for shape in (s for s in SHAPES if s[0] in wanted):
+        _, batch, _, kv_heads, head_dim, context, _ = shape
+        # What a plain call launches with: the baseline of the summary, timed if absent.
+        default = (paged_tiling(head_dim) if args.paged
+                   else tiling_for(head_dim, batch, kv_heads, context, sms))
+        configs_here = configs if default in configs else [*configs, default]
         timed = []
         for allocation in range(args.allocations):
             spacer = torch.empty((2 * allocation + 1) << 26, dtype=torch.uint8, device="cuda")
             if args.cache:
-                again = sweep_cache(shape, configs, args.repeats, args.cache)
+                again = sweep_cache(shape, configs_here, args.repeats, args.cache)
             else:
-                again = sweep(shape, configs, args.repeats, args.paged, args.token_major,
+                again = sweep(shape, configs_here, args.repeats, args.paged, args.token_major,
                               args.grid == "reduction")
             del spacer
             torch.cuda.empty_cache()

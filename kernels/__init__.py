@@ -28,11 +28,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vattn.kernels.append import append_kv  # noqa: E402
-from vattn.kernels.decode import Tiling, decode_attention, default_tiling, num_splits_for  # noqa: E402
+from vattn.kernels.decode import (  # noqa: E402
+    Tiling,
+    decode_attention,
+    default_tiling,
+    num_splits_for,
+    tiling_for,
+)
 from vattn.kernels.flash import FlashResult, available_backends, flash_attention  # noqa: E402
 from vattn.kernels.paged import paged_decode_attention  # noqa: E402
 from vattn.kernels.pod import PodTiling, pod_attention, pod_units  # noqa: E402
 
 __all__ = ["FlashResult", "Tiling", "append_kv", "available_backends", "decode_attention",
            "default_tiling", "flash_attention", "num_splits_for", "paged_decode_attention",
-           "PodTiling", "pod_attention", "pod_units"]
+           "PodTiling", "pod_attention", "pod_units", "tiling_for"]

@@ -482,6 +482,21 @@ def test_the_split_launch_merges_only_with_few_runs_a_request() -> None:
         assert merges_in_launch(forced, 1, 64) is fused
 
 
+def test_launches_with_few_tiles_take_shorter_ones() -> None:
+    from vattn.kernels import default_tiling, tiling_for
+
+    def tokens(batch: int, kv_heads: int, max_len: int, head_dim: int = 128) -> int:
+        return tiling_for(head_dim, batch, kv_heads, max_len, 132).block_n
+
+    assert tokens(2, 2, 512) == 32 and tokens(1, 2, 1024) == 32      # <= 16 tiles of 128
+    assert tokens(1, 8, 100) == 32 and tokens(1, 1, 64, head_dim=64) == 32
+    assert tokens(1, 2, 1025) == 64 and tokens(1, 2, 16896) == 64    # 17, 264 tiles
+    assert tokens(1, 8, 300) == 64
+    assert tokens(1, 2, 16897) == 128 and tokens(1, 8, 16384) == 128
+    assert tiling_for(256, 1, 2, 512, 132) == default_tiling(256)    # not measured: as is
+    assert tiling_for(128, 64, 8, 16384, 132) == default_tiling(128)
+
+
 def test_tiling_is_validated_and_sets_the_run_count() -> None:
     from vattn.kernels import Tiling, num_splits_for
 
