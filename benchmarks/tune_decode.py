@@ -59,7 +59,8 @@ def tilings(grid: str) -> list[Tiling]:
     programmatic dependent launch, A B B A; ``short``: small tiles and many programs
     per SM (tile tokens x programs per SM x partials a merge program loads at once), the
     merge in a second launch, for case (a); ``tile``: the default at 128, 64, 32 and 16
-    tokens a tile, A B C D D C B A; ``merge``: the default, and the default
+    tokens a tile, A B C D D C B A; ``short-tiles``: warps and stages around the 64- and
+    32-token tiles that `tiling_for` picks for small launches, A B ... B A; ``merge``: the default, and the default
     with 32 partials a merge program loads at once (the old merge), each with the merge where
     `merges_in_launch` puts it and in a second launch, A B B A; ``quick``: the default only."""
     if grid == "quick":
@@ -67,6 +68,11 @@ def tilings(grid: str) -> list[Tiling]:
     if grid == "tile":
         tiles = [dataclasses.replace(default_tiling(128), block_n=n) for n in (128, 64, 32, 16)]
         return tiles + tiles[::-1]
+    if grid == "short-tiles":
+        near = [Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=1)
+                for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 4, 2), (32, 4, 3),
+                                (32, 2, 3), (32, 4, 2), (32, 8, 3))]
+        return near + near[::-1]
     if grid == "layout":
         around = [default_tiling(128)] + [
             Tiling(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
@@ -234,7 +240,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
                                            "pair", "layout", "pdl", "short", "merge", "tile",
-                                           "quick"),
+                                           "short-tiles", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "
