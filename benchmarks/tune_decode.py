@@ -60,9 +60,10 @@ def tilings(grid: str) -> list[Tiling]:
     per SM (tile tokens x programs per SM x partials a merge program loads at once), the
     merge in a second launch, for case (a); ``tile``: the default at 128, 64, 32 and 16
     tokens a tile, A B C D D C B A; ``short-tiles``: warps and stages around the 64- and
-    32-token tiles that `tiling_for` picks for small launches, A B ... B A; ``merge``: the default, and the default
-    with 32 partials a merge program loads at once (the old merge), each with the merge where
-    `merges_in_launch` puts it and in a second launch, A B B A; ``quick``: the default only."""
+    32-token tiles that `tiling_for` picks for small launches, A B ... B A; ``merge``:
+    the default, and the default with 32 partials a merge program loads at once (the old
+    merge), each with the merge where `merges_in_launch` puts it and in a second launch,
+    A B B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "tile":
