@@ -11,7 +11,7 @@ printed, is bracketed by ``cudaProfilerStart`` / ``cudaProfilerStop``, so that
 - ``decode``: `decode_attention` at batch 8, unequal lengths (the bench's), on a
   `per_layer` and on a `token_major` cache (2 layers: ncu saves and restores memory);
 - ``short``: `decode_attention` in case (a) (batch 1, 16 / 2 heads, head dim 128) at
-  512, 4K, 16K and 64K tokens on a `per_layer` cache: its split and merge launches.
+  512, 4K, 8K, 16K and 64K tokens on a `per_layer` cache: its split and merge launches.
 
     ncu --profile-from-start off --clock-control none --section WarpStateStats \\
         python3 benchmarks/profile_kernels.py pod decode
@@ -70,7 +70,7 @@ def decode_launches() -> tuple[list[tuple[str, Callable[[], object]]], list[Work
 def short_launches() -> tuple[list[tuple[str, Callable[[], object]]], list[Workload]]:
     found: list[tuple[str, Callable[[], object]]] = []
     kept = []
-    for context in (512, 4096, 16384, 65536):
+    for context in (512, 4096, 8192, 16384, 65536):
         w = Workload("cuda", "per_layer", 16, 2, 128, [context], 2)
         space = torch.zeros(2, dtype=torch.int32, device="cuda")
         found.append((f"decode case a, {context} tokens",
