@@ -637,10 +637,10 @@ def tiling_for(head_dim: int, batch: int, num_kv_heads: int, max_len: int,
     where the batch has few tiles of 128 tokens at ``Lmax`` for the SMs (from the
     shape only, never the lengths: the grid stays fixed). Those launches are bound by
     latency, not bytes, and more programs reading fewer tokens each finish sooner. On
-    an H200 (132 SMs, 2 or 8 KV heads, docs/benchmarks.md) at most SMs / 8 tiles took
-    32-token tiles 16-26% off (batch 1-2, 512-1K tokens), at most 2 x SMs tiles
-    64-token tiles 5-10% off (2K-16K tokens, batch 1-4); with more tiles 64 was level
-    with 128 or up to 14% slower."""
+    an H200 (132 SMs, 2 or 8 KV heads, docs/benchmarks.md) 32-token tiles took 16-28%
+    off where the lengths filled at most SMs / 8 tiles of 128 (batch 1-2, 512-1K
+    tokens), 64-token tiles 5-10% where they filled at most 2 x SMs (2K-16K tokens,
+    batch 1-4); with more, 64 was level with 128 or up to 14% slower."""
     tiling = default_tiling(head_dim)
     if tiling.block_n != 128:       # head dim 256: not measured
         return tiling
