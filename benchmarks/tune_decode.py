@@ -47,23 +47,23 @@ SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, Tru
 
 def tilings(grid: str) -> list[Tiling]:
     """("The default" below is `default_tiling(128)`.) ``full``: tile tokens x warps x
-    stages x programs per SM; ``runs``: the shortest
-    run (tiles) for the two best of the full sweep; ``paged``: tile tokens x stages x
-    programs per SM for the paged twin; ``reduction``: two tilings, each with the merge
-    in the split launch and in a second launch; ``flat``: two tilings, each with a loop
-    per request and with one flat loop (`Tiling.flat`), timed in the order A B B A so
-    that a drift of the clock hits both alike (the faster of a tiling's two timings
-    counts); ``pair``: the default and 64-token tiles at two programs an SM, A B B A;
-    ``layout``: the default and six neighbours of it, A B ... B A; ``pdl``: the
-    default and 64-token tiles at two programs an SM, each with and without
-    programmatic dependent launch, A B B A; ``short``: small tiles and many programs
-    per SM (tile tokens x programs per SM x partials a merge program loads at once), the
-    merge in a second launch, for case (a); ``tile``: the default at 128, 64, 32 and 16
-    tokens a tile, A B C D D C B A; ``short-tiles``: warps and stages around the 64- and
-    32-token tiles that `tiling_for` picks for small launches, A B ... B A; ``merge``:
-    the default, and the default with 32 partials a merge program loads at once (the old
-    merge), each with the merge where `merges_in_launch` puts it and in a second launch,
-    A B B A; ``quick``: the default only."""
+    stages x programs per SM; ``runs``: the shortest run (tiles) for the two best of the
+    full sweep; ``paged``: tile tokens x stages x programs per SM for the paged twin;
+    ``reduction``: two tilings, each with the merge in the split launch and in a second
+    launch; ``flat``: two tilings, each with a loop per request and with one flat loop
+    (`Tiling.flat`), timed in the order A B B A so that a drift of the clock hits both
+    alike (the faster of a tiling's two timings counts); ``pair``: the default and
+    64-token tiles at two programs an SM, A B B A; ``layout``: the default and six
+    neighbours of it, A B ... B A; ``pdl``: the default and 64-token tiles at two
+    programs an SM, each with and without programmatic dependent launch, A B B A;
+    ``short``: small tiles and many programs per SM (tile tokens x programs per SM x
+    partials a merge program loads at once), the merge in a second launch, for case (a);
+    ``tile``: the default at 128, 64, 32 and 16 tokens a tile, A B C D D C B A;
+    ``short-tiles``: warps and stages around the 64- and 32-token tiles that
+    `tiling_for` picks for small launches, A B ... B A; ``merge``: the default, and the
+    default with 32 partials a merge program loads at once (the old merge), each with
+    the merge where `merges_in_launch` puts it and in a second launch, A B B A;
+    ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "tile":

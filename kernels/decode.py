@@ -566,7 +566,7 @@ def _sm_count(device: torch.device) -> int:
 
 @dataclasses.dataclass(slots=True, frozen=True)
 class Tiling:
-    """How `decode_attention` cuts its work; `default_tiling` picks one per head dim."""
+    """How `decode_attention` cuts its work; `tiling_for` picks one per launch shape."""
 
     block_n: int
     """Tokens per tile of K/V (a power of two, >= 16)."""
