@@ -497,6 +497,38 @@ def test_launches_with_few_tiles_take_shorter_ones() -> None:
     assert tiling_for(128, 64, 8, 16384, 132) == default_tiling(128)
 
 
+def test_a_plain_call_launches_with_the_tiling_of_its_shape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # decode_attention asks tiling_for with the launch's shape (Lmax, not the lengths)
+    # and cuts its runs with what it returns: here a tiling no default has.
+    from vattn.kernels import Tiling, decode
+
+    mine = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1)
+    asked: list[tuple[int, ...]] = []
+    cut_with: list[Tiling] = []
+    runs_for = decode.num_splits_for
+
+    def spy(*args: int) -> Tiling:
+        asked.append(args)
+        return mine
+
+    def spy_runs(device: torch.device, batch: int, kv_heads: int, max_len: int,
+                 tiling: Tiling) -> int:
+        cut_with.append(tiling)
+        return runs_for(device, batch, kv_heads, max_len, tiling)
+
+    monkeypatch.setattr(decode, "tiling_for", spy)
+    monkeypatch.setattr(decode, "num_splits_for", spy_runs)
+    k = torch.randn(3, 90, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
+    out = decode_attention(q, k, v, _ints([90, 17]), _ints([2, 0]))
+    assert asked == [(D, 2, HKV, 90, decode._sm_count(q.device))]
+    assert cut_with == [mine]
+    ref = reference(q, k, v, [90, 17], [2, 0], [0, 0], D ** -0.5)
+    assert relative_error(out, ref) < 1e-2
+
+
 def test_tiling_is_validated_and_sets_the_run_count() -> None:
     from vattn.kernels import Tiling, num_splits_for
 
