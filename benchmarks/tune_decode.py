@@ -27,7 +27,14 @@ import torch
 
 from vattn.bench import common
 from vattn.bench.decode import Workload, layers_for_cold_l2
-from vattn.kernels.decode import Tiling, check_inputs, default_tiling, launch, tiling_for
+from vattn.kernels.decode import (
+    Tiling,
+    _sm_count,
+    check_inputs,
+    default_tiling,
+    launch,
+    tiling_for,
+)
 from vattn.kernels.paged import paged_tiling
 
 # (name, batch, query heads, KV heads, head dim, context, equal lengths)
@@ -261,7 +268,7 @@ def main() -> None:
     header = common.device_environment(torch.device("cuda"))
     print(common.header_line(header))
     configs = tilings(args.grid)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = _sm_count(torch.device("cuda", torch.cuda.current_device()))
     wanted = args.shapes.split(",")
     rows: list[dict[str, Any]] = []
     summary = []

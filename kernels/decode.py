@@ -631,6 +631,7 @@ def default_tiling(head_dim: int) -> Tiling:
     return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
 
 
+@functools.cache     # on every launch's host path: built once per shape
 def tiling_for(head_dim: int, batch: int, num_kv_heads: int, max_len: int,
                sm_count: int) -> Tiling:
     """The tiling `decode_attention` launches with: `default_tiling`, with shorter tiles
