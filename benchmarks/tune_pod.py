@@ -32,9 +32,18 @@ def tilings(grid: str) -> list[PodTiling]:
     """``full``: prefill K/V tile x decode K/V tile x stages, then the decode split, at
     64-token query blocks and 4 warps (8 warps and 128-token query blocks lose: one
     program per SM); ``stages``: the decode split's pipelining depth (1, 2, and the
-    default 3); ``quick``: the default only."""
+    default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
+    three or four programs fit on an SM (32-token tiles, ``max_registers``);
+    ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
+    if grid == "occupancy":
+        short = PodTiling(block_n=32, decode_block_n=32)
+        return [PodTiling(tma=True), short,
+                dataclasses.replace(short, max_registers=168),
+                dataclasses.replace(short, max_registers=168, tma=True),
+                dataclasses.replace(short, num_stages=2, max_registers=128),
+                dataclasses.replace(short, num_stages=2, max_registers=128, tma=True)]
     if grid == "stages":
         return [PodTiling(decode_stages=1), PodTiling(decode_stages=2)]
     return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
@@ -45,7 +54,23 @@ def tilings(grid: str) -> list[PodTiling]:
 
 def _name(t: PodTiling) -> str:
     return (f"m{t.block_m} n{t.block_n} nd{t.decode_block_n} s{t.split} w{t.num_warps} "
-            f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else ""))
+            f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else "")
+            + (" tma" if t.tma else "")
+            + (f" r{t.max_registers}" if t.max_registers else ""))
+
+
+def _footprints() -> dict[int, str]:
+    """Registers, spills and shared memory of every compiled `_pod_kernel` variant, by
+    id (Triton's per-device cache; best effort: its layout is not a stable API)."""
+    from vattn.kernels.pod import _pod_kernel
+
+    found = {}
+    for cache in getattr(_pod_kernel, "device_caches", {}).values():
+        for kernel in cache[0].values():
+            meta = kernel.metadata
+            found[id(kernel)] = (f"{kernel.n_regs} registers, {kernel.n_spills} spilled, "
+                                 f"{meta.shared} B shared")
+    return found
 
 
 def _graph_us(fn: Any, repeats: int) -> float:
@@ -63,6 +88,7 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
         cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens, cell.slots))
     rows = []
     for tiling in configs:
+        compiled = _footprints()
         try:
             got_p, got_d = pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix,
                                          cell.lens, cell.slots, tiling=tiling,
@@ -83,6 +109,8 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
             return pod_attention(cell.qp[:0], cell.qd, cell.k, cell.v, 0, 0, cell.lens,
                                  cell.slots, tiling=t, max_decode_len=context)
 
+        footprint = "; ".join(v for k, v in _footprints().items() if k not in compiled)
+        print(f"{base['cell']} {_name(tiling)}: {footprint or 'compiled before'}", flush=True)
         t_p, t_d = _graph_us(prefill, repeats), _graph_us(decode, repeats)
         for named in policies:     # "partitioned:0.4": that share of SMs decode first
             policy, share = (named.split(":") if named.startswith("partitioned:")
@@ -120,7 +148,8 @@ def _cells(text: str | None) -> list[tuple[int, int, int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", choices=("full", "stages", "quick"), default="full")
+    parser.add_argument("--grid", choices=("full", "stages", "occupancy", "quick"),
+                        default="full")
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cells", default=None,

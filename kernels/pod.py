@@ -42,6 +42,7 @@ from typing import Literal
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from vattn.errors import InvalidArgument
 from vattn.kernels.decode import (
@@ -80,6 +81,13 @@ class PodTiling:
     decode_sms: float = 0.5
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
+    tma: bool = False
+    """Load the K/V tiles of both kinds with the tensor memory accelerator (bulk
+    copies through tensor descriptors, compute capability 9.0+) instead of one load
+    per thread. Needs a power-of-two head dim and 16-byte aligned cache strides."""
+    max_registers: int | None = None
+    """A cap on registers per thread (Triton's ``maxnreg``), so that more programs fit
+    on an SM; None: the compiler's choice. Ignored by the interpreter."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "decode_block_n"):
@@ -96,6 +104,8 @@ class PodTiling:
                              f"{self.num_stages} and {self.decode_stages}")
         if not 0.0 <= self.decode_sms <= 1.0:
             raise ValueError(f"decode_sms must be in [0, 1], got {self.decode_sms}")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers must be in [24, 255], got {self.max_registers}")
 
 
 @triton.jit
@@ -120,12 +130,12 @@ def _now(INTERPRETED: tl.constexpr):  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _prefill_tile(  # type: ignore[no-untyped-def]
-    tile, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk, slot,
+    tile, qp_ptr, op_ptr, k_ptr, v_ptr, k_desc, v_desc, prefix, chunk, slot,
     stride_qm, stride_qh, stride_om, stride_oh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
     """Causal attention of chunk tokens ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of one
     query head over the slot's tokens up to each one. Tiles are handed out longest
@@ -144,6 +154,7 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     if UPCAST:
         q = q.to(tl.float32)
     kv_head = head // GROUP
+    slot32 = slot.to(tl.int32)
     k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
     # Offsets within a block fit in int32 (the wrapper checks); blocks move the base.
@@ -160,31 +171,74 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
         block = 0
         while block < num_blocks:
             m_i, l_i, acc = _prefill_block(
-                q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc,
-                stride_kl, stride_vl, qk_scale, offs_n, d_mask, block >= unmasked,
-                UPCAST, PRECISION, BLOCK_N)
+                q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot32, kv_head, block,
+                last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask,
+                block >= unmasked, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA)
             block += 1
     else:
         for block in range(0, unmasked):
             m_i, l_i, acc = _prefill_block(
-                q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc,
-                stride_kl, stride_vl, qk_scale, offs_n, d_mask, False, UPCAST, PRECISION,
-                BLOCK_N)
+                q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot32, kv_head, block,
+                last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask,
+                False, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA)
         for block in range(unmasked, num_blocks):
             m_i, l_i, acc = _prefill_block(
-                q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc,
-                stride_kl, stride_vl, qk_scale, offs_n, d_mask, True, UPCAST, PRECISION,
-                BLOCK_N)
+                q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot32, kv_head, block,
+                last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask,
+                True, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(op_ptr + offs_m[:, None] * stride_om + head * stride_oh + offs_d[None, :],
              out.to(op_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
+def _kv_tile(desc, ptrs, mask, slot, start, kv_head, MASKED, TMA: tl.constexpr,  # type: ignore[no-untyped-def]
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_D]`` K or V tile: one bulk copy of the box at ``(slot,
+    start, kv_head)`` (TMA; tokens past the mask are read, then zeroed, so that no NaN
+    of a page past the length reaches the sums) or a masked load per thread."""
+    if TMA:
+        tile = desc.load([slot, start, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+        if MASKED:
+            tile = tl.where(mask, tile, 0.0)
+        return tile
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _decode_block_tma(  # type: ignore[no-untyped-def]
+    q, k_desc, v_desc, slot, kv_head, start, end, m_i, l_i, acc, qk_scale, MASKED,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """`_attend_block` with its K/V tile copied by the TMA: tokens ``[start, start +
+    BLOCK_N)``; `MASKED` (a split's last, partial tile) drops those at or past `end`."""
+    n_mask = (start + tl.arange(0, BLOCK_N)) < end
+    k = _kv_tile(k_desc, k_desc, n_mask[:, None], slot, start, kv_head, MASKED, True,
+                 BLOCK_N, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    v = _kv_tile(v_desc, v_desc, n_mask[:, None], slot, start, kv_head, MASKED, True,
+                 BLOCK_N, BLOCK_D)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _prefill_block(  # type: ignore[no-untyped-def]
-    q, k_base, v_base, k_offs, v_offs, block, last, end, m_i, l_i, acc, stride_kl,
-    stride_vl, qk_scale, offs_n, d_mask, MASKED, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot, kv_head, block, last, end,
+    m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask, MASKED,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, TMA: tl.constexpr,
 ):
     """One block of BLOCK_N K/V tokens of a prefill tile: the online-softmax step.
     `MASKED` (the diagonal) masks tokens past each query and past the chunk; the
@@ -194,7 +248,8 @@ def _prefill_block(  # type: ignore[no-untyped-def]
     k_ptrs = k_base + start.to(tl.int64) * stride_kl + k_offs
     v_ptrs = v_base + start.to(tl.int64) * stride_vl + v_offs
     kv_mask = (pos < end)[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    k = _kv_tile(k_desc, k_ptrs, kv_mask, slot, start, kv_head, MASKED, TMA, BLOCK_N,
+                 BLOCK_D)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -205,7 +260,8 @@ def _prefill_block(  # type: ignore[no-untyped-def]
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)      # rows past the chunk
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    v = _kv_tile(v_desc, v_ptrs, kv_mask, slot, start, kv_head, MASKED, TMA, BLOCK_N,
+                 BLOCK_D)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -214,7 +270,7 @@ def _prefill_block(  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _decode_split(  # type: ignore[no-untyped-def]
-    unit, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, part_ptr, lse_ptr,
+    unit, qd_ptr, od_ptr, k_ptr, v_ptr, k_desc, v_desc, lens_ptr, slots_ptr, part_ptr, lse_ptr,
     arrive_ptr, num_slots, max_len,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, qk_scale,
@@ -222,7 +278,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr,
 ):
     """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
     a partial over its tokens; the last of the request's live splits (those holding
@@ -257,7 +313,27 @@ def _decode_split(  # type: ignore[no-untyped-def]
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if INTERPRETED:
+        if TMA:     # whole tiles unmasked, then the partial one
+            span = tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0)
+            whole = span // BLOCK_N
+            slot32 = slot.to(tl.int32)
+            if INTERPRETED:
+                block = 0
+                while block < whole:
+                    m_i, l_i, acc = _decode_block_tma(
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, end, m_i,
+                        l_i, acc, qk_scale, False, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                    block += 1
+            else:
+                for block in tl.range(0, whole, num_stages=STAGES):
+                    m_i, l_i, acc = _decode_block_tma(
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, end, m_i,
+                        l_i, acc, qk_scale, False, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+            if span % BLOCK_N:
+                m_i, l_i, acc = _decode_block_tma(
+                    q, k_desc, v_desc, slot32, kv_head, lo + whole * BLOCK_N, end, m_i, l_i,
+                    acc, qk_scale, True, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+        elif INTERPRETED:
             block = 0
             while block < last_block:
                 m_i, l_i, acc = _attend_block(
@@ -299,7 +375,8 @@ def _decode_split(  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _pod_kernel(  # type: ignore[no-untyped-def]
-    qp_ptr, op_ptr, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr,
+    qp_ptr, op_ptr, qd_ptr, od_ptr, k_ptr, v_ptr, kp_desc, vp_desc, kd_desc, vd_desc,
+    lens_ptr, slots_ptr,
     part_ptr, lse_ptr, counters_ptr, arrive_ptr, trace_ptr,
     prefix, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len, decode_sms,
     stride_qpm, stride_qph, stride_opm, stride_oph,
@@ -311,6 +388,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
     BLOCK_D: tl.constexpr, DECODE_STAGES: tl.constexpr, TRACE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
     # (paired: prefill programs running on the SM).
@@ -337,21 +415,22 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     if POLICY == 3:     # a paired prefill count not spent on a prefill tile
         tl.atomic_add(counters_ptr + 2 + sm, -1, mask=want_prefill & (kind == 1))
     if kind == 0:
-        _prefill_tile(unit, qp_ptr, op_ptr, k_ptr, v_ptr, prefix, chunk,
+        _prefill_tile(unit, qp_ptr, op_ptr, k_ptr, v_ptr, kp_desc, vp_desc, prefix, chunk,
                       tl.cast(prefill_slot, tl.int64), stride_qpm, stride_qph, stride_opm,
                       stride_oph, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl,
                       stride_vh, qk_scale, NUM_HEADS, NUM_HEADS // NUM_KV_HEADS, HEAD_DIM,
-                      UPCAST, PRECISION, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+                      UPCAST, PRECISION, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D, TMA)
         if POLICY == 3:     # the tile ends: its count back (a decode program's
             # fallback onto a prefill tile took none)
             tl.atomic_add(counters_ptr + 2 + sm, -1, mask=want_prefill)
     else:
-        _decode_split(unit, qd_ptr, od_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, part_ptr,
+        _decode_split(unit, qd_ptr, od_ptr, k_ptr, v_ptr, kd_desc, vd_desc, lens_ptr,
+                      slots_ptr, part_ptr,
                       lse_ptr, arrive_ptr, num_slots, max_len, stride_qdb, stride_qdh,
                       stride_odb, stride_odh, stride_kb, stride_kl, stride_kh, stride_vb,
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
-                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES)
+                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES, TMA)
     if TRACE:
         row = trace_ptr + tl.program_id(0).to(tl.int64) * 5
         tl.store(row, started)
@@ -444,6 +523,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     dev = q_decode.device
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
+    descs = _descriptors(k_cache, v_cache, tiling, block_d) if tiling.tma else (k_cache,) * 4
     block_g = max(16, triton.next_power_of_2(group))
     num_splits = triton.cdiv(max_len, tiling.split)
     sms = _num_sms(dev)
@@ -460,7 +540,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     lens_arg = decode_seqlens if batch else counters
     slots_arg = decode_slots if decode_slots is not None and batch else lens_arg
     _pod_kernel[(num_prefill + num_decode,)](
-        q_prefill, out_prefill, q_decode, out_decode, k_cache, v_cache,
+        q_prefill, out_prefill, q_decode, out_decode, k_cache, v_cache, *descs,
         lens_arg, slots_arg, part, lse, counters, arrive,
         trace if trace is not None else counters,
         prefix_len, chunk, prefill_slot, num_prefill, num_decode, num_slots, max_len,
@@ -477,9 +557,29 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         INTERPRETED=interpreted, SPLIT=tiling.split, BLOCK_M=tiling.block_m,
         BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_ND=tiling.decode_block_n,
         BLOCK_D=block_d, TRACE=trace is not None,
-        DECODE_STAGES=tiling.decode_stages or tiling.num_stages,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        DECODE_STAGES=tiling.decode_stages or tiling.num_stages, TMA=tiling.tma,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        **({} if tiling.max_registers is None or interpreted
+           else {"maxnreg": tiling.max_registers}))
     return out_prefill, out_decode
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, tiling: PodTiling,
+                 block_d: int) -> tuple[TensorDescriptor, ...]:
+    """Tensor descriptors of K and V for the prefill tiles' and the decode splits' K/V
+    boxes (``[1, tokens, 1, D]`` of ``[slots, Lmax, Hkv, D]``): the TMA zero-fills a box
+    past ``Lmax``, so a tile never reads the next slot."""
+    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+        raise InvalidArgument("tiling.tma needs the tensor memory accelerator (compute "
+                              "capability 9.0+)")
+    size = k.element_size()
+    if k.shape[3] != block_d or any(
+            t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]) for t in (k, v)):
+        raise InvalidArgument(f"tiling.tma needs a power-of-two head dim and 16-byte aligned "
+                              f"K/V addresses and strides; got head dim {k.shape[3]}, strides "
+                              f"{k.stride()} / {v.stride()} of {size}-byte elements")
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, n, 1, block_d])
+                 for n in (tiling.block_n, tiling.decode_block_n) for t in (k, v))
 
 
 def pod_units(chunk: int, num_heads: int, batch: int, num_kv_heads: int,

@@ -8,6 +8,8 @@ decode splits run); on a GPU the same tests compiled, plus a sampled sweep.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -254,6 +256,8 @@ def test_tiling_is_validated() -> None:
         PodTiling(decode_sms=1.5)
     with pytest.raises(ValueError, match="decode_stages must be >= 1"):
         PodTiling(decode_stages=0)
+    with pytest.raises(ValueError, match="max_registers must be in"):
+        PodTiling(max_registers=300)
 
 
 @pytest.mark.parametrize("stages", [1, 2])
@@ -270,6 +274,40 @@ def test_decode_stages_leave_the_result_alone(stages: int) -> None:
         assert worst_row_error(op, causal_reference(qp, k, v, 0, prefix, D ** -0.5)) < 1e-2
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("layout,dtype", [("per_layer", torch.bfloat16),
+                                          ("token_major", torch.float16)])
+@pytest.mark.parametrize("tiling", [dataclasses.replace(SMALL, tma=True),
+                                    dataclasses.replace(SMALL, tma=True, split=48),
+                                    dataclasses.replace(SMALL, max_registers=128)],
+                         ids=["tma", "tma-partial-tiles", "max-registers"])
+def test_tma_and_a_register_cap_leave_the_result_alone(layout: str, dtype: torch.dtype,
+                                                       tiling: PodTiling) -> None:
+    """Bulk-copied tiles read whole boxes past each length (into NaN-filled pages):
+    they must not reach the sums. Lengths end inside a tile (70, 33, 129), on its edge
+    (64 with 16-token tiles) and at Lmax; 48-token splits leave a partial last tile."""
+    torch.manual_seed(9)
+    prefix, chunk, lengths = 29, 35, [70, 33, 0, 64, 129, -1]
+    cache, k, v, qp, qd, slots = hybrid(dtype, layout, prefix, chunk, lengths)
+    try:
+        op, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
+                               tiling=tiling)
+        assert not torch.isnan(op).any() and not torch.isnan(od).any()
+        assert worst_row_error(od, reference(qd, k, v, lengths, slots, [0] * len(lengths),
+                                             D ** -0.5)) < 1e-2
+        assert worst_row_error(op, causal_reference(qp, k, v, 0, prefix, D ** -0.5)) < 1e-2
+        assert torch.all(od[2] == 0)
+    finally:
+        cache.close()
+
+
+def test_tma_refuses_a_head_dim_it_cannot_box() -> None:
+    q = torch.randn(4, 2, 48, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(3, 32, 2, 48, device=DEVICE, dtype=torch.bfloat16)
+    lens = torch.full((4,), 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(InvalidArgument, match="power-of-two head dim"):
+        pod_attention(q, q, k, k, 0, 0, lens, tiling=PodTiling(tma=True))
 
 
 @pytest.mark.gpu
@@ -307,6 +345,11 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int,
         assert relative_error(od, alone.float()) < 1e-2, policy
         assert relative_error(op, flash.float()) < 1e-2, policy
         assert relative_error(op[rows], ref[rows]) < 1e-2, policy
+    for tiling in (PodTiling(tma=True), PodTiling(block_n=32, decode_block_n=32,
+                                                  max_registers=168)):
+        op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots, tiling=tiling)
+        assert relative_error(od, alone.float()) < 1e-2, tiling
+        assert relative_error(op, flash.float()) < 1e-2, tiling
 
 
 @pytest.mark.gpu
