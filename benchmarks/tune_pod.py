@@ -38,8 +38,8 @@ def tilings(grid: str) -> list[PodTiling]:
     if grid == "quick":
         return [PodTiling()]
     if grid == "occupancy":
-        short = PodTiling(block_n=32, decode_block_n=32)
-        return [PodTiling(tma=True), short,
+        short = PodTiling(block_n=32, decode_block_n=32, tma=False)
+        return [PodTiling(tma=False), PodTiling(tma=True), short,
                 dataclasses.replace(short, max_registers=168),
                 dataclasses.replace(short, max_registers=168, tma=True),
                 dataclasses.replace(short, num_stages=2, max_registers=128),
@@ -55,7 +55,7 @@ def tilings(grid: str) -> list[PodTiling]:
 def _name(t: PodTiling) -> str:
     return (f"m{t.block_m} n{t.block_n} nd{t.decode_block_n} s{t.split} w{t.num_warps} "
             f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else "")
-            + (" tma" if t.tma else "")
+            + {None: "", True: " tma", False: " no-tma"}[t.tma]
             + (f" r{t.max_registers}" if t.max_registers else ""))
 
 

@@ -280,8 +280,10 @@ def test_decode_stages_leave_the_result_alone(stages: int) -> None:
                                           ("token_major", torch.float16)])
 @pytest.mark.parametrize("tiling", [dataclasses.replace(SMALL, tma=True),
                                     dataclasses.replace(SMALL, tma=True, split=48),
+                                    dataclasses.replace(SMALL, tma=False),
                                     dataclasses.replace(SMALL, max_registers=128)],
-                         ids=["tma", "tma-partial-tiles", "max-registers"])
+                         ids=["tma", "tma-partial-tiles", "per-thread-loads",
+                              "max-registers"])
 def test_tma_and_a_register_cap_leave_the_result_alone(layout: str, dtype: torch.dtype,
                                                        tiling: PodTiling) -> None:
     """Bulk-copied tiles read whole boxes past each length (into NaN-filled pages):
@@ -302,12 +304,26 @@ def test_tma_and_a_register_cap_leave_the_result_alone(layout: str, dtype: torch
         cache.close()
 
 
-def test_tma_refuses_a_head_dim_it_cannot_box() -> None:
+def test_tma_only_where_the_cache_allows_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head dim of 48 cannot be boxed: required, it is refused before anything runs;
+    by default the launch takes per-thread loads and matches the reference."""
+    import vattn.kernels.pod as pod
+
+    torch.manual_seed(10)
     q = torch.randn(4, 2, 48, device=DEVICE, dtype=torch.bfloat16)
     k = torch.randn(3, 32, 2, 48, device=DEVICE, dtype=torch.bfloat16)
-    lens = torch.full((4,), 8, dtype=torch.int32, device=DEVICE)
+    v = torch.randn_like(k)
+    lens = torch.tensor([8, 1, 30, 17], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([1, 2, 1, 2], dtype=torch.int32, device=DEVICE)
     with pytest.raises(InvalidArgument, match="power-of-two head dim"):
-        pod_attention(q, q, k, k, 0, 0, lens, tiling=PodTiling(tma=True))
+        pod_attention(q, q, k, v, 0, 0, lens, slots, tiling=PodTiling(tma=True))
+    built = []
+    monkeypatch.setattr(pod, "_descriptors", lambda *a: built.append(a) or (k,) * 4)
+    op, od = pod_attention(q, q, k, v, 0, 0, lens, slots, tiling=SMALL)
+    assert not built
+    assert worst_row_error(od, reference(q, k, v, lens.tolist(), slots.tolist(), [0] * 4,
+                                         48 ** -0.5)) < 1e-2
+    assert worst_row_error(op, causal_reference(q, k, v, 0, 0, 48 ** -0.5)) < 1e-2
 
 
 @pytest.mark.gpu
@@ -345,7 +361,7 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int,
         assert relative_error(od, alone.float()) < 1e-2, policy
         assert relative_error(op, flash.float()) < 1e-2, policy
         assert relative_error(op[rows], ref[rows]) < 1e-2, policy
-    for tiling in (PodTiling(tma=True), PodTiling(block_n=32, decode_block_n=32,
+    for tiling in (PodTiling(tma=False), PodTiling(block_n=32, decode_block_n=32,
                                                   max_registers=168)):
         op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots, tiling=tiling)
         assert relative_error(od, alone.float()) < 1e-2, tiling
