@@ -540,10 +540,17 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def runs_on_cpu_tensors() -> bool:
+    """Whether the Triton kernels can take CPU tensors in this process: only through
+    Triton's interpreter, and only if it was on when triton was first imported (its own
+    library functions are defined then). `vattn.kernels` turns it on where torch sees
+    no CUDA device; with one, set ``TRITON_INTERPRET=1`` before importing triton."""
+    return type(tl.cumsum).__name__ == "InterpretedFunction"
+
+
 def require_runnable(device: torch.device) -> None:
-    """CPU tensors need Triton's interpreter, and it must have been on when triton was
-    first imported (its own library functions are defined then)."""
-    if device.type == "cpu" and type(tl.cumsum).__name__ != "InterpretedFunction":
+    """CPU tensors need Triton's interpreter (`runs_on_cpu_tensors`)."""
+    if device.type == "cpu" and not runs_on_cpu_tensors():
         raise VattnError("vattn's Triton kernels run on CPU tensors only through Triton's "
                          "interpreter, which was off when triton was imported: set "
                          "TRITON_INTERPRET=1 before importing torch/triton/transformers "

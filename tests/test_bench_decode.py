@@ -12,6 +12,7 @@ from vattn.bench.decode import Workload
 from vattn.cli import main
 
 
+@pytest.mark.host_kernels
 @pytest.mark.parametrize("layout", ["per_layer", "token_major"])
 @pytest.mark.parametrize("equal", [True, False])
 def test_the_timed_kernels_agree(layout: str, equal: bool) -> None:

@@ -13,6 +13,7 @@ from vattn.bench.e2e_model import MODELS, Decoder
 from vattn.cli import main
 
 
+@pytest.mark.host_kernels
 def test_every_backend_decodes_the_same_tokens() -> None:
     shape, dev = MODELS["tiny"], torch.device("cpu")
     decoder = Decoder(shape, dev, torch.float32, seed=3)
@@ -29,7 +30,8 @@ def test_every_backend_decodes_the_same_tokens() -> None:
         assert got == tokens["static"], name
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.host_kernels),
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_bench_e2e_runs(tmp_path, device: str) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("transformers")
     out = tmp_path / "e2e.json"

@@ -15,6 +15,7 @@ from vattn.bench.pod import Cell, _ints, summary
 from vattn.cli import main
 
 
+@pytest.mark.host_kernels
 def test_every_way_of_computing_a_cell_agrees() -> None:
     cell = Cell(torch.device("cpu"), chunk=20, prefix=33, batch=3, context=50, heads=4,
                 kv_heads=2, head_dim=32, seed=5)
@@ -39,6 +40,7 @@ def test_summary_is_the_geometric_mean_and_the_minimum() -> None:
     assert got["min vs back-to-back"] == 0.5
 
 
+@pytest.mark.host_kernels
 def test_bench_pod_runs_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "pod.json"
     assert main(["bench", "pod", "--device", "cpu", "--repeats", "1", "--json", str(out),
@@ -49,6 +51,7 @@ def test_bench_pod_runs_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped
     assert (tmp_path / "pod.png").stat().st_size > 0
 
 
+@pytest.mark.host_kernels
 def test_bench_pod_takes_the_paired_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "pod", "--device", "cpu", "--repeats", "1", "--policy",
                  "paired"]) == 0
@@ -74,6 +77,7 @@ def test_bench_pod_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> 
         _ints("1,x", "prefixes")
 
 
+@pytest.mark.host_kernels
 def test_a_second_baseline_is_timed_when_flashattention_3_is_present(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The headline baseline never picks FA3; the "(with FA3)" one does when it is the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -65,3 +66,18 @@ def test_bench_overlap_refuses_an_unknown_mode_before_looking_for_a_gpu(capsys) 
 def test_bench_overlap_refuses_a_negative_interleave_before_looking_for_a_gpu(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["bench", "overlap", "--interleave", "-1"]) == 1
     assert "--interleave must be >= 0" in capsys.readouterr().err
+
+
+def test_the_demo_runs_on_the_cpu_where_torch_sees_a_gpu() -> None:
+    """`--device cpu` turns Triton's interpreter on before triton is imported, so the
+    host backend's kernels run even where a CUDA device keeps `vattn.kernels` from
+    turning it on (here torch is made to report one)."""
+    script = ("import torch; torch.cuda.is_available = lambda: True\n"
+              "from vattn.cli import main\n"
+              "raise SystemExit(main(['demo', '--device', 'cpu', '--requests', '2',"
+              " '--max-batch', '2']))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "outputs equal to DynamicCache + generate: 2/2 requests" in out.stdout

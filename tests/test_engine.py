@@ -24,6 +24,7 @@ def reference(model: transformers.PreTrainedModel, request: Request) -> list[int
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.host_kernels
 @pytest.mark.parametrize("layout", ["token_major", "per_layer"])
 def test_engine_outputs_equal_per_request_generate(layout: str) -> None:
     torch.manual_seed(4)
@@ -72,6 +73,7 @@ def test_engine_refuses_what_it_cannot_hold() -> None:
         Engine(model, max_batch_size=1, max_cache_len=32, chunk_size=0)
 
 
+@pytest.mark.host_kernels
 def test_vattn_demo_runs_and_checks_itself(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--device", "cpu", "--requests", "4", "--max-batch", "2"]) == 0
     out = capsys.readouterr().out

@@ -121,6 +121,7 @@ def test_refused_operations_and_bad_input_leave_the_cache_usable() -> None:
         assert not torch.isnan(out.logits).any() and cache.get_seq_length() == 6
 
 
+@pytest.mark.host_kernels
 @pytest.mark.parametrize("lengths", [[7, 7], [5, 17, 1]])
 def test_the_vattn_attention_function_runs_our_kernels(lengths: list[int]) -> None:
     torch.manual_seed(7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The kernels take CPU tensors only through Triton's interpreter, which must be on
+    # before triton is first imported (building the parser imports it): `vattn.kernels`
+    # turns it on only where torch sees no CUDA device, and `--device cpu` may be asked
+    # for where one is present.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--device", default=None)
+    if early.parse_known_args(argv)[0].device == "cpu" and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
     device = args.device or _default_device()
     try:
