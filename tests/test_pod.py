@@ -286,11 +286,12 @@ def test_decode_stages_leave_the_result_alone(stages: int) -> None:
                               "max-registers"])
 def test_tma_and_a_register_cap_leave_the_result_alone(layout: str, dtype: torch.dtype,
                                                        tiling: PodTiling) -> None:
-    """Bulk-copied tiles read whole boxes past each length (into NaN-filled pages):
-    they must not reach the sums. Lengths end inside a tile (70, 33, 129), on its edge
-    (64 with 16-token tiles) and at Lmax; 48-token splits leave a partial last tile."""
+    """Bulk copies take the tiles wholly within the lengths, masked loads the rest;
+    the NaN-filled pages past the lengths must not reach the sums. Lengths end inside
+    a tile (70, 33, 129; the chunk at 30 + 35), on its edge (64 with 16-token tiles)
+    and at Lmax; 48-token splits leave a partial last tile in every split."""
     torch.manual_seed(9)
-    prefix, chunk, lengths = 29, 35, [70, 33, 0, 64, 129, -1]
+    prefix, chunk, lengths = 30, 35, [70, 33, 0, 64, 129, -1]
     cache, k, v, qp, qd, slots = hybrid(dtype, layout, prefix, chunk, lengths)
     try:
         op, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
