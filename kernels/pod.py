@@ -82,13 +82,15 @@ class PodTiling:
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
     tma: bool | None = None
-    """Copy the K/V tiles that lie wholly within the lengths with the tensor memory
-    accelerator (bulk copies through tensor descriptors, compute capability 9.0+)
-    instead of one load per thread; a decode split's last, partial tile and a prefill
-    tile's diagonal keep masked loads, so nothing is read past a length. Needs a
-    power-of-two head dim and 16-byte aligned cache strides. None (default): wherever
-    the GPU and the cache allow (on an H200 the fused launch was 0.3-6% faster with
-    it, docs/benchmarks.md); True: required; False: never."""
+    """Load the K/V tiles of both kinds with the tensor memory accelerator (bulk
+    copies through tensor descriptors, compute capability 9.0+) instead of one load
+    per thread; it needs a power-of-two head dim and 16-byte aligned cache strides.
+    A tile that crosses a length is copied whole and masked: up to ``max(block_n,
+    decode_block_n) - 1`` tokens past a length are read, which the cache's
+    `read_slack` must cover (the default, 256 tokens, does), as for FlashAttention-3.
+    None (default): wherever the GPU and the cache allow (on an H200 the fused launch
+    was 0.3-6% faster with it, docs/benchmarks.md); True: required; False: never,
+    nothing is read past a length."""
     max_registers: int | None = None
     """A cap on registers per thread (Triton's ``maxnreg``), so that more programs fit
     on an SM; None: the compiler's choice. Ignored by the interpreter."""
@@ -199,31 +201,38 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
 def _kv_tile(desc, ptrs, mask, slot, start, kv_head, MASKED, TMA: tl.constexpr,  # type: ignore[no-untyped-def]
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """A ``[BLOCK_N, BLOCK_D]`` K or V tile: one bulk copy of the box at ``(slot,
-    start, kv_head)`` (TMA) where the tile lies wholly within the lengths, a masked load
-    per thread where it does not (`MASKED`). So nothing is read past a length, and a
-    cache needs no read slack for this kernel."""
-    if TMA and not MASKED:
-        return desc.load([slot, start, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+    start, kv_head)`` (TMA; tokens past the mask are read, then zeroed, so that no NaN
+    of a page past the length reaches the sums) or a masked load per thread."""
+    if TMA:
+        tile = desc.load([slot, start, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+        if MASKED:
+            tile = tl.where(mask, tile, 0.0)
+        return tile
     else:
         return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _decode_block_tma(  # type: ignore[no-untyped-def]
-    q, k_desc, v_desc, slot, kv_head, start, m_i, l_i, acc, qk_scale,
+    q, k_desc, v_desc, slot, kv_head, start, end, m_i, l_i, acc, qk_scale, MASKED,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """`_attend_block` over tokens ``[start, start + BLOCK_N)``, all within the length,
-    its K/V tile copied by the TMA."""
-    k = k_desc.load([slot, start, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+    """`_attend_block` with its K/V tile copied by the TMA: tokens ``[start, start +
+    BLOCK_N)``; `MASKED` (a split's last, partial tile) drops those at or past `end`."""
+    n_mask = (start + tl.arange(0, BLOCK_N)) < end
+    k = _kv_tile(k_desc, k_desc, n_mask[:, None], slot, start, kv_head, MASKED, True,
+                 BLOCK_N, BLOCK_D)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    v = v_desc.load([slot, start, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+    v = _kv_tile(v_desc, v_desc, n_mask[:, None], slot, start, kv_head, MASKED, True,
+                 BLOCK_N, BLOCK_D)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -310,26 +319,26 @@ def _decode_split(  # type: ignore[no-untyped-def]
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if TMA:     # whole tiles by the TMA, then the partial one by masked loads
-            whole = tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0) // BLOCK_N
+        if TMA:     # whole tiles unmasked, then the partial one
+            span = tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0)
+            whole = span // BLOCK_N
             slot32 = slot.to(tl.int32)
             if INTERPRETED:
                 block = 0
                 while block < whole:
                     m_i, l_i, acc = _decode_block_tma(
-                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, m_i, l_i,
-                        acc, qk_scale, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, end, m_i,
+                        l_i, acc, qk_scale, False, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
                     block += 1
             else:
                 for block in tl.range(0, whole, num_stages=STAGES):
                     m_i, l_i, acc = _decode_block_tma(
-                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, m_i, l_i,
-                        acc, qk_scale, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-            if whole < last_block:
-                m_i, l_i, acc = _attend_block(
-                    q, k_base, v_base, k_base, whole, lo, end, m_i, l_i, acc, num_slots,
-                    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
-                    PRECISION, BLOCK_N, BLOCK_D)
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, end, m_i,
+                        l_i, acc, qk_scale, False, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+            if span % BLOCK_N:
+                m_i, l_i, acc = _decode_block_tma(
+                    q, k_desc, v_desc, slot32, kv_head, lo + whole * BLOCK_N, end, m_i, l_i,
+                    acc, qk_scale, True, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
         elif INTERPRETED:
             block = 0
             while block < last_block:
@@ -575,7 +584,8 @@ def _tma_fits(k: torch.Tensor, v: torch.Tensor, block_d: int) -> bool:
 def _descriptors(k: torch.Tensor, v: torch.Tensor, tiling: PodTiling,
                  block_d: int) -> tuple[TensorDescriptor, ...]:
     """Tensor descriptors of K and V for the prefill tiles' and the decode splits' K/V
-    boxes, ``[1, tokens, 1, D]`` of ``[slots, Lmax, Hkv, D]``."""
+    boxes (``[1, tokens, 1, D]`` of ``[slots, Lmax, Hkv, D]``): the TMA zero-fills a box
+    past ``Lmax``, so a tile never reads the next slot."""
     if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
         raise InvalidArgument("tiling.tma needs the tensor memory accelerator (compute "
                               "capability 9.0+)")
