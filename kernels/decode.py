@@ -631,11 +631,13 @@ def default_tiling(head_dim: int) -> Tiling:
     shape swept, on plain tensors, and within 0-7% on a `token_major` cache, where
     64-token tiles at two programs per SM gain 2-6% on some shapes of batch 1-16 and
     lose 12-29% at batch 32 and at batch 1 with 2 KV heads. Head dim 256 is not
-    tuned. Launches with few tiles take shorter ones (`tiling_for`)."""
+    tuned: its 8 warps need 152 registers a thread (sm_90, compiled ahead of time by
+    `tests/footprint.py`), so one program fits on an SM and the grid is one wave of
+    them. Launches with few tiles take shorter ones (`tiling_for`)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
         return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
-    return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
+    return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=1)
 
 
 @functools.cache     # on every launch's host path: built once per shape

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -38,6 +42,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, reason in skips:
             if marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def sm90_footprints() -> dict[str, dict[str, object]]:
+    """The decode and fused kernels compiled ahead of time for sm_90 on this machine's
+    CPU (`tests/footprint.py`, in a process of its own: the interpreter cannot compile):
+    shared memory, registers, and the programs an SM holds, by tiling."""
+    out = subprocess.run([sys.executable, "-m", "tests.footprint"], capture_output=True,
+                         text=True, timeout=900, cwd=pathlib.Path(__file__).parents[1],
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    found: dict[str, dict[str, object]] = json.loads(out.stdout)
+    return found
 
 
 def small_cache(layout: str = "per_layer", **overrides: object) -> VirtualKVCache:

@@ -529,6 +529,17 @@ def test_a_plain_call_launches_with_the_tiling_of_its_shape(
     assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("name", ["n128", "n64", "n32", "paged-16", "paged-128", "d256"])
+def test_each_decode_tiling_fits_its_programs_an_sm_on_hopper(
+        name: str, sm90_footprints: dict[str, dict[str, object]]) -> None:
+    """Compiled ahead of time for sm_90, every tiling the decode launches take (the
+    three of `tiling_for`, the paged twin's) fits as many programs on an SM as its
+    grid puts there: a footprint that grew past it would halve the programs in flight
+    with no error anywhere."""
+    used = sm90_footprints[name]
+    assert used["fit"] >= used["programs_per_sm"], used
+
+
 def test_tiling_is_validated_and_sets_the_run_count() -> None:
     from vattn.kernels import Tiling, num_splits_for
 
