@@ -45,9 +45,10 @@ def hybrid(dtype: torch.dtype, layout: str, prefix: int, chunk: int, lengths: li
            group: int = 2):  # type: ignore[no-untyped-def]
     """A cache with one prefill slot (prefix + chunk tokens written) and decodes; a
     length of -1 becomes ``Lmax`` (the last decode split holds tokens). Returns the
-    lengths too."""
+    lengths too. The cache keeps 64 tokens mapped past each length: TMA-copied tiles
+    that cross a length read up to 63 there (`PodTiling.tma`)."""
     slots = list(range(1, len(lengths) + 1))
-    cache = make_cache(layout, dtype, slots=len(lengths) + 1)
+    cache = make_cache(layout, dtype, slots=len(lengths) + 1, read_slack=64)
     for _ in range(len(lengths) + 1):
         cache.allocate()
     lengths[:] = [cache.max_context_len if n == -1 else n for n in lengths]
