@@ -36,6 +36,7 @@ The prefill chunk's K/V must already be in the cache (`append_kv`), at tokens
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -529,7 +530,8 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     dev = q_decode.device
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tma = tiling.tma if tiling.tma is not None else _tma_fits(k_cache, v_cache, block_d)
+    tma = (tiling.tma if tiling.tma is not None
+           else _tma_refusal(k_cache, v_cache, block_d) is None)
     descs = _descriptors(k_cache, v_cache, tiling, block_d) if tma else (k_cache,) * 4
     block_g = max(16, triton.next_power_of_2(group))
     num_splits = triton.cdiv(max_len, tiling.split)
@@ -571,14 +573,23 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     return out_prefill, out_decode
 
 
-def _tma_fits(k: torch.Tensor, v: torch.Tensor, block_d: int) -> bool:
-    """Whether K/V tiles of this cache can be bulk-copied: a GPU with the TMA (or the
-    interpreter), a power-of-two head dim, 16-byte aligned addresses and strides."""
-    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """The tensor memory accelerator: compute capability 9.0+ (the interpreter has it)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_refusal(k: torch.Tensor, v: torch.Tensor, block_d: int) -> str | None:
+    """Why K/V tiles of this cache cannot be bulk-copied, or None where they can."""
+    if not _has_tma(k.device):
+        return "the tensor memory accelerator (compute capability 9.0+)"
     size = k.element_size()
-    return k.shape[3] == block_d and not any(
-        t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]) for t in (k, v))
+    if k.shape[3] != block_d or any(
+            t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]) for t in (k, v)):
+        return (f"a power-of-two head dim and 16-byte aligned K/V addresses and strides; got "
+                f"head dim {k.shape[3]}, strides {k.stride()} / {v.stride()} of {size}-byte "
+                f"elements")
+    return None
 
 
 def _descriptors(k: torch.Tensor, v: torch.Tensor, tiling: PodTiling,
@@ -586,13 +597,9 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, tiling: PodTiling,
     """Tensor descriptors of K and V for the prefill tiles' and the decode splits' K/V
     boxes (``[1, tokens, 1, D]`` of ``[slots, Lmax, Hkv, D]``): the TMA zero-fills a box
     past ``Lmax``, so a tile never reads the next slot."""
-    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
-        raise InvalidArgument("tiling.tma needs the tensor memory accelerator (compute "
-                              "capability 9.0+)")
-    if not _tma_fits(k, v, block_d):
-        raise InvalidArgument(f"tiling.tma needs a power-of-two head dim and 16-byte aligned "
-                              f"K/V addresses and strides; got head dim {k.shape[3]}, strides "
-                              f"{k.stride()} / {v.stride()} of {k.element_size()}-byte elements")
+    refusal = _tma_refusal(k, v, block_d)
+    if refusal is not None:
+        raise InvalidArgument(f"tiling.tma needs {refusal}")
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, n, 1, block_d])
                  for n in (tiling.block_n, tiling.decode_block_n) for t in (k, v))
 
