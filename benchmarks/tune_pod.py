@@ -34,9 +34,12 @@ def tilings(grid: str) -> list[PodTiling]:
     program per SM); ``stages``: the decode split's pipelining depth (1, 2, and the
     default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
     three or four programs fit on an SM (32-token tiles, ``max_registers``);
-    ``quick``: the default only."""
+    ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`)
+    against copied whole; ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
+    if grid == "shift":
+        return [PodTiling(tma=True), PodTiling(tma=True, tma_shift=True)]
     if grid == "occupancy":
         short = PodTiling(block_n=32, decode_block_n=32, tma=False)
         return [PodTiling(tma=False), PodTiling(tma=True), short,
@@ -56,6 +59,7 @@ def _name(t: PodTiling) -> str:
     return (f"m{t.block_m} n{t.block_n} nd{t.decode_block_n} s{t.split} w{t.num_warps} "
             f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else "")
             + {None: "", True: " tma", False: " no-tma"}[t.tma]
+            + (" shift" if t.tma_shift else "")
             + (f" r{t.max_registers}" if t.max_registers else ""))
 
 
@@ -148,7 +152,7 @@ def _cells(text: str | None) -> list[tuple[int, int, int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", choices=("full", "stages", "occupancy", "quick"),
+    parser.add_argument("--grid", choices=("full", "stages", "occupancy", "shift", "quick"),
                         default="full")
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--repeats", type=int, default=10)

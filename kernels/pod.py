@@ -88,10 +88,17 @@ class PodTiling:
     per thread; it needs a power-of-two head dim and 16-byte aligned cache strides.
     A tile that crosses a length is copied whole and masked: up to ``max(block_n,
     decode_block_n) - 1`` tokens past a length are read, which the cache's
-    `read_slack` must cover (the default, 256 tokens, does), as for FlashAttention-3.
+    `read_slack` must cover (the default, 256 tokens, does), as for FlashAttention-3;
+    `tma_shift` reads nothing past a length instead.
     None (default): wherever the GPU and the cache allow (on an H200 the fused launch
     was 0.3-6% faster with it, docs/benchmarks.md); True: required; False: never,
     nothing is read past a length."""
+    tma_shift: bool = False
+    """With `tma`: copy a tile that would cross a length as the box that ends at the
+    length instead (the tokens before the tile's start are masked, and the TMA fills
+    tokens before 0 with zeros), so that nothing past a length is read and no read
+    slack is needed. Compiled for sm_90 (CPU, `tests/footprint.py`) it keeps two
+    programs an SM; not yet timed on a GPU, so off by default."""
     max_registers: int | None = None
     """A cap on registers per thread (Triton's ``maxnreg``), so that more programs fit
     on an SM; None: the compiler's choice. Ignored by the interpreter."""
@@ -143,6 +150,7 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
     """Causal attention of chunk tokens ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of one
     query head over the slot's tokens up to each one. Tiles are handed out longest
@@ -179,33 +187,35 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
         while block < num_blocks:
             m_i, l_i, acc = _prefill_block(
                 q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot32, kv_head, block,
-                last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask,
-                block >= unmasked, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA)
+                last, end, prefix + chunk, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
+                offs_n, d_mask, block >= unmasked, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA,
+                SHIFT)
             block += 1
     else:
         for block in range(0, unmasked):
             m_i, l_i, acc = _prefill_block(
                 q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot32, kv_head, block,
-                last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask,
-                False, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA)
+                last, end, prefix + chunk, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
+                offs_n, d_mask, False, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
         for block in range(unmasked, num_blocks):
             m_i, l_i, acc = _prefill_block(
                 q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot32, kv_head, block,
-                last, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask,
-                True, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA)
+                last, end, prefix + chunk, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
+                offs_n, d_mask, True, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(op_ptr + offs_m[:, None] * stride_om + head * stride_oh + offs_d[None, :],
              out.to(op_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _kv_tile(desc, ptrs, mask, slot, start, kv_head, MASKED, TMA: tl.constexpr,  # type: ignore[no-untyped-def]
+def _kv_tile(desc, ptrs, mask, slot, box, kv_head, MASKED, TMA: tl.constexpr,  # type: ignore[no-untyped-def]
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A ``[BLOCK_N, BLOCK_D]`` K or V tile: one bulk copy of the box at ``(slot,
-    start, kv_head)`` (TMA; tokens past the mask are read, then zeroed, so that no NaN
-    of a page past the length reaches the sums) or a masked load per thread."""
+    """A ``[BLOCK_N, BLOCK_D]`` K or V tile: one bulk copy of tokens ``[box, box +
+    BLOCK_N)`` of `slot` (TMA; tokens outside the mask are zeroed, so that no NaN of a
+    page past the length, or of tokens an earlier tile took, reaches the sums) or a
+    masked load per thread at `ptrs`."""
     if TMA:
-        tile = desc.load([slot, start, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+        tile = desc.load([slot, box, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
         if MASKED:
             tile = tl.where(mask, tile, 0.0)
         return tile
@@ -215,14 +225,17 @@ def _kv_tile(desc, ptrs, mask, slot, start, kv_head, MASKED, TMA: tl.constexpr, 
 
 @triton.jit
 def _decode_block_tma(  # type: ignore[no-untyped-def]
-    q, k_desc, v_desc, slot, kv_head, start, end, m_i, l_i, acc, qk_scale, MASKED,
+    q, k_desc, v_desc, slot, kv_head, box, start, end, m_i, l_i, acc, qk_scale, MASKED,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, SHIFT: tl.constexpr,
 ):
-    """`_attend_block` with its K/V tile copied by the TMA: tokens ``[start, start +
-    BLOCK_N)``; `MASKED` (a split's last, partial tile) drops those at or past `end`."""
-    n_mask = (start + tl.arange(0, BLOCK_N)) < end
-    k = _kv_tile(k_desc, k_desc, n_mask[:, None], slot, start, kv_head, MASKED, True,
+    """`_attend_block` with its K/V tile copied by the TMA: tokens ``[box, box +
+    BLOCK_N)``, of which ``[start, end)`` count. `MASKED` (a split's last, partial
+    tile) drops the others: those at or past `end` (``box == start``) or, `SHIFT`, the
+    box ending at `end`, those before `start`."""
+    pos = box + tl.arange(0, BLOCK_N)
+    n_mask = pos >= start if SHIFT else pos < end
+    k = _kv_tile(k_desc, k_desc, n_mask[:, None], slot, box, kv_head, MASKED, True,
                  BLOCK_N, BLOCK_D)
     if UPCAST:
         k = k.to(tl.float32)
@@ -232,7 +245,7 @@ def _decode_block_tma(  # type: ignore[no-untyped-def]
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    v = _kv_tile(v_desc, v_desc, n_mask[:, None], slot, start, kv_head, MASKED, True,
+    v = _kv_tile(v_desc, v_desc, n_mask[:, None], slot, box, kv_head, MASKED, True,
                  BLOCK_N, BLOCK_D)
     if UPCAST:
         v = v.to(tl.float32)
@@ -243,31 +256,34 @@ def _decode_block_tma(  # type: ignore[no-untyped-def]
 @triton.jit
 def _prefill_block(  # type: ignore[no-untyped-def]
     q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot, kv_head, block, last, end,
-    m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask, MASKED,
+    limit, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask, MASKED,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_D: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr,
 ):
     """One block of BLOCK_N K/V tokens of a prefill tile: the online-softmax step.
     `MASKED` (the diagonal) masks tokens past each query and past the chunk; the
-    blocks before need no mask, and rows past the chunk are dropped at the store."""
+    blocks before need no mask, and rows past the chunk are dropped at the store.
+    TMA and `SHIFT`: a block that would cross the slot's `limit` (its prefix and
+    chunk) is copied as the box ending there, its tokens before the block masked."""
     start = block * BLOCK_N
-    pos = start + offs_n
+    box = tl.minimum(start, limit - BLOCK_N) if TMA and SHIFT else start
+    pos = box + offs_n
     k_ptrs = k_base + start.to(tl.int64) * stride_kl + k_offs
     v_ptrs = v_base + start.to(tl.int64) * stride_vl + v_offs
-    kv_mask = (pos < end)[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
-    k = _kv_tile(k_desc, k_ptrs, kv_mask, slot, start, kv_head, MASKED, TMA, BLOCK_N,
+    n_mask = (pos >= start) & (pos < end) if TMA and SHIFT else pos < end
+    kv_mask = n_mask[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
+    k = _kv_tile(k_desc, k_ptrs, kv_mask, slot, box, kv_head, MASKED, TMA, BLOCK_N,
                  BLOCK_D)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        qk = tl.where((pos[None, :] < end) & (pos[None, :] <= last[:, None]), qk,
-                      float("-inf"))
+        qk = tl.where(n_mask[None, :] & (pos[None, :] <= last[:, None]), qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)      # rows past the chunk
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
-    v = _kv_tile(v_desc, v_ptrs, kv_mask, slot, start, kv_head, MASKED, TMA, BLOCK_N,
+    v = _kv_tile(v_desc, v_ptrs, kv_mask, slot, box, kv_head, MASKED, TMA, BLOCK_N,
                  BLOCK_D)
     if UPCAST:
         v = v.to(tl.float32)
@@ -285,7 +301,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr,
 ):
     """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
     a partial over its tokens; the last of the request's live splits (those holding
@@ -328,18 +344,22 @@ def _decode_split(  # type: ignore[no-untyped-def]
                 block = 0
                 while block < whole:
                     m_i, l_i, acc = _decode_block_tma(
-                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, end, m_i,
-                        l_i, acc, qk_scale, False, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
+                        lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False, UPCAST,
+                        PRECISION, BLOCK_N, BLOCK_D, SHIFT)
                     block += 1
             else:
                 for block in tl.range(0, whole, num_stages=STAGES):
                     m_i, l_i, acc = _decode_block_tma(
-                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N, end, m_i,
-                        l_i, acc, qk_scale, False, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-            if span % BLOCK_N:
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
+                        lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False, UPCAST,
+                        PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+            if span % BLOCK_N:      # SHIFT: the box ending at the split's last token
                 m_i, l_i, acc = _decode_block_tma(
-                    q, k_desc, v_desc, slot32, kv_head, lo + whole * BLOCK_N, end, m_i, l_i,
-                    acc, qk_scale, True, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                    q, k_desc, v_desc, slot32, kv_head,
+                    lo + span - BLOCK_N if SHIFT else lo + whole * BLOCK_N,
+                    lo + whole * BLOCK_N, end, m_i, l_i, acc, qk_scale, True, UPCAST,
+                    PRECISION, BLOCK_N, BLOCK_D, SHIFT)
         elif INTERPRETED:
             block = 0
             while block < last_block:
@@ -395,7 +415,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
     BLOCK_D: tl.constexpr, DECODE_STAGES: tl.constexpr, TRACE: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SHIFT: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
     # (paired: prefill programs running on the SM).
@@ -426,7 +446,8 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       tl.cast(prefill_slot, tl.int64), stride_qpm, stride_qph, stride_opm,
                       stride_oph, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl,
                       stride_vh, qk_scale, NUM_HEADS, NUM_HEADS // NUM_KV_HEADS, HEAD_DIM,
-                      UPCAST, PRECISION, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D, TMA)
+                      UPCAST, PRECISION, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D, TMA,
+                      SHIFT)
         if POLICY == 3:     # the tile ends: its count back (a decode program's
             # fallback onto a prefill tile took none)
             tl.atomic_add(counters_ptr + 2 + sm, -1, mask=want_prefill)
@@ -437,7 +458,8 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       stride_odb, stride_odh, stride_kb, stride_kl, stride_kh, stride_vb,
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
-                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES, TMA)
+                      INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES, TMA,
+                      SHIFT)
     if TRACE:
         row = trace_ptr + tl.program_id(0).to(tl.int64) * 5
         tl.store(row, started)
@@ -567,6 +589,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_ND=tiling.decode_block_n,
         BLOCK_D=block_d, TRACE=trace is not None,
         DECODE_STAGES=tiling.decode_stages or tiling.num_stages, TMA=tma,
+        SHIFT=tma and tiling.tma_shift,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         **({} if tiling.max_registers is None or interpreted
            else {"maxnreg": tiling.max_registers}))
@@ -596,7 +619,7 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, tiling: PodTiling,
                  block_d: int) -> tuple[TensorDescriptor, ...]:
     """Tensor descriptors of K and V for the prefill tiles' and the decode splits' K/V
     boxes (``[1, tokens, 1, D]`` of ``[slots, Lmax, Hkv, D]``): the TMA zero-fills a box
-    past ``Lmax``, so a tile never reads the next slot."""
+    before token 0 or past ``Lmax``, so a tile never reads another slot."""
     refusal = _tma_refusal(k, v, block_d)
     if refusal is not None:
         raise InvalidArgument(f"tiling.tma needs {refusal}")

@@ -84,15 +84,16 @@ def split_footprint(tiling: Tiling, kv_block: int = 0, head_dim: int = 128,
     return _compile(_split_kernel, const, {}, tiling.num_warps, tiling.num_stages)
 
 
-def pod_footprint(tma: bool) -> dict[str, object]:
+def pod_footprint(tma: bool, shift: bool = False) -> dict[str, object]:
     """The fused kernel's, default tiling, for Llama-3-8B heads (32 / 8 / 128), bf16,
-    50:50."""
+    50:50; `shift`: `PodTiling.tma_shift`."""
     t = PodTiling()
     const = dict(NUM_HEADS=32, NUM_KV_HEADS=8, NUM_SPLITS=8, HEAD_DIM=128, HAS_SLOTS=True,
                  POLICY=1, NUM_SM=132, UPCAST=False, PRECISION=None, INTERPRETED=False,
                  SPLIT=t.split, BLOCK_M=t.block_m, BLOCK_G=16, BLOCK_N=t.block_n,
                  BLOCK_ND=t.decode_block_n, BLOCK_D=128,
-                 DECODE_STAGES=t.decode_stages or t.num_stages, TRACE=False, TMA=tma)
+                 DECODE_STAGES=t.decode_stages or t.num_stages, TRACE=False, TMA=tma,
+                 SHIFT=shift)
     descriptors = {name: f"tensordesc<bf16[1, {n}, 1, 128]>" if tma else "*bf16"
                    for name, n in (("kp_desc", t.block_n), ("vp_desc", t.block_n),
                                    ("kd_desc", t.decode_block_n),
@@ -119,6 +120,7 @@ def _placed(used: dict[str, object], programs_per_sm: int) -> dict[str, object]:
 if __name__ == "__main__":
     # The fused kernel expects two programs an SM: a prefill tile beside a decode split.
     found = {f"pod tma={tma}": _placed(pod_footprint(tma), 2) for tma in (False, True)}
+    found["pod tma=shift"] = _placed(pod_footprint(True, shift=True), 2)
     found.update({name: _placed(split_footprint(tiling, kv_block, head_dim),
                                 tiling.programs_per_sm)
                   for name, (tiling, kv_block, head_dim) in decode_tilings().items()})
