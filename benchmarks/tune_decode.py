@@ -49,7 +49,9 @@ SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, Tru
           ("b-16", 16, 32, 8, 128, 16384, True),
           ("b-8-unequal", 8, 32, 8, 128, 16384, False),
           ("b-16-unequal", 16, 32, 8, 128, 16384, False), ("b-32", 32, 32, 8, 128, 16384, True),
-          ("b-32-unequal", 32, 32, 8, 128, 16384, False)]
+          ("b-32-unequal", 32, 32, 8, 128, 16384, False),
+          ("a-16k-d256", 1, 16, 2, 256, 16384, True), ("b-8-d256", 8, 32, 8, 256, 16384, True),
+          ("b-8-unequal-d256", 8, 32, 8, 256, 16384, False)]
 
 
 def tilings(grid: str) -> list[Tiling]:
@@ -70,9 +72,14 @@ def tilings(grid: str) -> list[Tiling]:
     `tiling_for` picks for small launches, A B ... B A; ``merge``: the default, and the
     default with 32 partials a merge program loads at once (the old merge), each with
     the merge where `merges_in_launch` puts it and in a second launch, A B B A;
-    ``quick``: the default only."""
+    ``d256``: head dim 256's default at one program an SM and at two (which its
+    registers do not fit: a second wave), A B B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "d256":
+        one = default_tiling(256)
+        two = dataclasses.replace(one, programs_per_sm=2)
+        return [one, two, two, one]
     if grid == "tile":
         tiles = [dataclasses.replace(default_tiling(128), block_n=n) for n in (128, 64, 32, 16)]
         return tiles + tiles[::-1]
@@ -248,7 +255,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
                                            "pair", "layout", "pdl", "short", "merge", "tile",
-                                           "short-tiles", "quick"),
+                                           "short-tiles", "d256", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "
