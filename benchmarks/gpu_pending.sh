@@ -12,4 +12,8 @@ timeout 150 python3 benchmarks/tune_pod.py --grid shift --policies 50:50,paired 
 timeout 100 python3 benchmarks/tune_decode.py --grid d256 \
     --shapes a-16k-d256,b-8-d256,b-8-unequal-d256 --json "$out/tune-decode-d256.json" \
     > "$out/tune-decode-d256.md" 2>&1
-tail -8 "$out/tune-pod-shift.md"; tail -6 "$out/tune-decode-d256.md"
+# Case (a)'s floor with a decode kernel's structure: a read after a loaded length, and
+# that read followed by a merge launch.
+timeout 120 python3 benchmarks/probe_read_floor.py --contexts 512,2048,8192,16384 \
+    --json "$out/read-floor.json" > "$out/read-floor.md" 2>&1
+tail -8 "$out/tune-pod-shift.md"; tail -6 "$out/tune-decode-d256.md"; tail -7 "$out/read-floor.md"

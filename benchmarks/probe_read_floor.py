@@ -10,6 +10,12 @@ as the bench times: CUDA-graph replays rotating over the cache's layers (cold L2
 median, on the same cache. Where this floor is already above 1.5x the model, no
 kernel that reads the K/V in one launch meets the target there.
 
+Two more reads show what the structure of a decode kernel adds to that floor, each at
+its fastest tile: the same read masked by the request's length, loaded from device
+memory first (a kernel that serves per-request lengths cannot address its K/V before
+that load returns), and that read followed by a second launch that sums the per-program
+floats (the merge of a split-KV kernel).
+
     python3 benchmarks/probe_read_floor.py --json read-floor.json
 """
 
@@ -45,11 +51,44 @@ def _read_kernel(k_ptr, v_ptr, out_ptr, tokens, stride_l,  # type: ignore[no-unt
     tl.store(out_ptr + pid, tl.sum(tl.sum(k + v, 1), 0))
 
 
+@triton.jit
+def _read_after_length_kernel(k_ptr, v_ptr, out_ptr, lens_ptr,  # type: ignore[no-untyped-def]
+                              stride_l, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """`_read_kernel` over ``[0, lens[0])``: the loads wait for the length's."""
+    pid = tl.program_id(0)
+    tokens = tl.load(lens_ptr)
+    pos = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = pos.to(tl.int64)[:, None] * stride_l + tl.arange(0, ROW)[None, :]
+    mask = (pos < tokens)[:, None]
+    k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(tl.sum(k + v, 1), 0))
+
+
+@triton.jit
+def _sum_kernel(out_ptr, total_ptr, count, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A second launch: the per-program floats summed into one."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(total_ptr, tl.sum(tl.load(out_ptr + offs, mask=offs < count, other=0.0), 0))
+
+
 def read_call(k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, tokens: int,
-              block: int) -> None:
-    _read_kernel[(triton.cdiv(tokens, block),)](k, v, out, tokens, k.stride(1),
-                                               ROW=k.shape[2] * k.shape[3], BLOCK=block,
-                                               num_warps=4 if block <= 128 else 8)
+              block: int, lens: torch.Tensor | None = None, merge: bool = False) -> None:
+    """One read of `tokens` tokens in tiles of `block`; with `lens` (int32 ``[1]``, its
+    value `tokens`) masked by the loaded length; `merge`: then the second launch, which
+    leaves the sum in ``out[-1]``."""
+    grid = (triton.cdiv(tokens, block),)
+    warps = 4 if block <= 128 else 8
+    if lens is None:
+        _read_kernel[grid](k, v, out, tokens, k.stride(1), ROW=k.shape[2] * k.shape[3],
+                           BLOCK=block, num_warps=warps)
+    else:
+        _read_after_length_kernel[grid](k, v, out, lens, k.stride(1),
+                                        ROW=k.shape[2] * k.shape[3], BLOCK=block,
+                                        num_warps=warps)
+    if merge:
+        _sum_kernel[(1,)](out, out[-1:], grid[0],
+                          BLOCK=max(16, triton.next_power_of_2(grid[0])), num_warps=4)
 
 
 def probe(context: int, repeats: int, bandwidth: float, floor: float) -> dict[str, Any]:
@@ -61,16 +100,22 @@ def probe(context: int, repeats: int, bandwidth: float, floor: float) -> dict[st
         k0 = kvs[0][0]
         if k0.stride(2) != k0.shape[3] or k0.stride(1) != k0.shape[2] * k0.shape[3]:
             raise SystemExit("per_layer K/V: a token's heads are expected contiguous")
-        out = torch.empty(triton.cdiv(context, min(TILES)), device="cuda")
+        out = torch.empty(triton.cdiv(context, min(TILES)) + 1, device="cuda")
         first = torch.stack([kvs[0][0][0, :context], kvs[0][1][0, :context]]).float().sum()
-        read_call(kvs[0][0][0:1], kvs[0][1][0:1], out, context, 128)
-        got = out[:triton.cdiv(context, 128)].sum()
-        if not torch.allclose(got, first, rtol=1e-3, atol=1e-1):
-            raise AssertionError(f"read kernel sums {got.item()}, expected {first.item()}")
-        times = {}
+        lens = w.lens
+        for extra in ({}, {"lens": lens, "merge": True}):
+            read_call(kvs[0][0][0:1], kvs[0][1][0:1], out, context, 128, **extra)
+            got = out[-1] if extra else out[:triton.cdiv(context, 128)].sum()
+            if not torch.allclose(got, first, rtol=1e-3, atol=1e-1):
+                raise AssertionError(f"read kernel {extra and 'after the length, merged'} "
+                                     f"sums {got.item()}, expected {first.item()}")
+        times, after, merged = {}, {}, {}
         for block in TILES:
-            calls = [functools.partial(read_call, k, v, out, context, block) for k, v in kvs]
-            times[block] = common.median(common.graph_times(calls, repeats))
+            for found, extra in ((times, {}), (after, {"lens": lens}),
+                                 (merged, {"lens": lens, "merge": True})):
+                calls = [functools.partial(read_call, k, v, out, context, block, **extra)
+                         for k, v in kvs]
+                found[block] = common.median(common.graph_times(calls, repeats))
         space = torch.zeros(2, dtype=torch.int32, device="cuda")
         ours = common.median(common.graph_times(
             [functools.partial(decode_attention, w.q, k, v, w.lens, workspace=space)
@@ -83,6 +128,8 @@ def probe(context: int, repeats: int, bandwidth: float, floor: float) -> dict[st
             "1.5x model us": round(1.5 * model * 1e6, 1),
             "read floor us": round(times[best] * 1e6, 1), "best tile": best,
             "read floor / model": f"{times[best] / model:.2f}x",
+            "after the length us": round(min(after.values()) * 1e6, 1),
+            "and a merge launch us": round(min(merged.values()) * 1e6, 1),
             "vattn-triton us": round(ours * 1e6, 1),
             "ours / read floor": f"{ours / times[best]:.2f}x",
             **{f"tile {b} us": round(t * 1e6, 1) for b, t in times.items()}}
