@@ -4,9 +4,9 @@
 # off until timed. Each step has its own timeout so that one slow step cannot take the
 # call's whole limit. Logs and JSON under $OUT; the summary tables print last.
 source "$(dirname "$0")/gpu_setup.sh"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu -q tests 2>&1 | tee "$out/pytest.log" | tail -15
+timeout "${TEST_TIMEOUT:-220}" python3 -m pytest -m gpu -q tests 2>&1 | tee "$out/pytest.log" | tail -15
 # The fused kernel's TMA boxes shifted back (PodTiling.tma_shift) against copied whole.
-timeout 150 python3 benchmarks/tune_pod.py --grid shift --policies 50:50,paired --repeats 10 \
+timeout 130 python3 benchmarks/tune_pod.py --grid shift --policies 50:50,paired --repeats 10 \
     --json "$out/tune-pod-shift.json" > "$out/tune-pod-shift.md" 2>&1
 # Head dim 256 at one program an SM (the default since 206e733) and at two.
 timeout 100 python3 benchmarks/tune_decode.py --grid d256 \
@@ -14,6 +14,6 @@ timeout 100 python3 benchmarks/tune_decode.py --grid d256 \
     > "$out/tune-decode-d256.md" 2>&1
 # Case (a)'s floor with a decode kernel's structure: a read after a loaded length, and
 # that read followed by a merge launch.
-timeout 120 python3 benchmarks/probe_read_floor.py --contexts 512,2048,8192,16384 \
+timeout 110 python3 benchmarks/probe_read_floor.py --contexts 512,2048,8192,16384 \
     --json "$out/read-floor.json" > "$out/read-floor.md" 2>&1
 tail -8 "$out/tune-pod-shift.md"; tail -6 "$out/tune-decode-d256.md"; tail -7 "$out/read-floor.md"
