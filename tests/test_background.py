@@ -231,6 +231,26 @@ def test_a_dropped_cache_is_released_after_step_async() -> None:
     wait_released(alive, base, size, collected_within_s=30)
 
 
+def test_a_dropped_cache_is_released_after_a_failed_step_async(vm: FaultyVM) -> None:
+    """The job's error, never joined, must not keep the cache alive through its
+    traceback's frames; the traceback is kept as text for the join."""
+    cache = small_cache()
+    slot = cache.allocate()
+    cache.step({slot: 100})
+    vm.op, vm.nth = "map", vm.calls["map"] + 1
+    cache.step_async({slot: 4000})
+    while cache._res.worker.busy:
+        time.sleep(0.01)
+    error = cache._res.worker._error
+    assert isinstance(error, vattn.DriverError) and error.__traceback__ is None
+    assert any("On the mapper thread" in note and "map_runs" in note
+               for note in getattr(error, "__notes__", []))
+    base, size = cache._res.base_address, cache.layout.reservation_bytes
+    alive = weakref.ref(cache)
+    del cache, error
+    wait_released(alive, base, size, collected_within_s=5)
+
+
 @pytest.mark.parametrize("layout", ["per_layer", "token_major"])
 def test_look_ahead_grows_in_few_large_jobs(layout: str) -> None:
     # Low water 1500 tokens, high water 3000 (pages of 2048 / 1024 tokens): a slot

@@ -134,6 +134,8 @@ class FaultyVM:
             self._violation(f"map at {address:#x} over a mapping")
         if handle not in self.live:
             self._violation(f"map of handle {handle}, not live")
+        if any(h == handle for _, h in self.mapped.values()):
+            self._violation(f"map of handle {handle}, mapped elsewhere already")
         self.inner.map(address, size_bytes, handle)
         self.mapped[address] = (size_bytes, handle)
 
@@ -433,3 +435,37 @@ def test_fault_during_construction_leaves_nothing(monkeypatch: pytest.MonkeyPatc
     for address, size in reserved:
         assert reservations_overlapping(address, size) == [], "address space still mapped"
     assert vm.violations == [], f"the undo broke the VirtualMemory protocol: {vm.violations}"
+
+
+def test_a_page_whose_undo_fails_keeps_its_handle_until_it_is_unmapped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map fails, then the undo's first unmap fails too (with `OutOfPages`, as the
+    host backend's does on ENOMEM): the rest of the undo goes on, the page left mapped
+    keeps its handle out of the pool (so no other slot maps it too), and the next map
+    unmaps it first. Nothing leaks."""
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    failed: list[int] = []
+    inner_unmap = vm.unmap
+
+    def unmap(address: int, size_bytes: int) -> None:
+        if vm.fired_in is not None and not failed:
+            failed.append(address)
+            raise vattn.OutOfPages(1, 0, "host mappings")
+        inner_unmap(address, size_bytes)
+
+    monkeypatch.setattr(vm, "unmap", unmap)
+    with small_cache(read_slack=0) as cache:
+        a, b = cache.allocate(), cache.allocate()
+        tokens = cache.layout.tokens_for_pages(2)
+        vm.op, vm.nth = "map", vm.calls["map"] + 3      # the third of the step's maps
+        with pytest.raises(DriverError, match="INJECTED"):
+            cache.step({a: tokens})
+        assert [address for address, _ in cache._res.mapper.stuck] == failed
+        assert cache.capacity(a) == 0
+        cache.step({b: tokens})         # unmaps the stuck page first, then maps b
+        assert not cache._res.mapper.stuck and len(failed) == 1
+        cache.step({a: tokens})
+        check_invariants(cache)
+    assert vm.violations == [], vm.violations
+    assert vm.leaked_handles == 0 and not vm.mapped

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 
 from vattn.driver.base import VirtualMemory
-from vattn.errors import DriverError
+from vattn.errors import VattnError
 from vattn.layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class Mapper:
                              for t in range(layout.num_tensors)]
         self._slot_stride = layout.slot_stride_bytes
         self._page = layout.page_size_bytes
+        self.stuck: list[tuple[int, int]] = []
+        """(address, handle) of pages an undo failed to unmap: still mapped, owned by no
+        slot; their handles must not be mapped anywhere else until they are unmapped."""
 
     def map_runs(self, runs: Sequence[Run],
                  between: Callable[[], None] | None = None) -> None:
@@ -96,10 +100,11 @@ class Mapper:
 
         Tensor by tensor, so addresses ascend (the driver maps faster in that order);
         `between` is called before each tensor's calls. All or nothing: on a failure
-        every page this call mapped is unmapped again.
+        every page this call mapped is unmapped again (one whose unmap fails too is
+        added to `stuck`).
         """
         page, stride, vm = self._page, self._slot_stride, self.vm
-        done: list[int] = []  # addresses mapped so far
+        done: list[tuple[int, int]] = []  # (address, handle) mapped so far
         try:
             for tensor, tensor_base in enumerate(self._tensor_base):
                 if between is not None:
@@ -109,12 +114,12 @@ class Mapper:
                     address = start
                     for row in rows:
                         vm.map(address, page, row[tensor])
-                        done.append(address)
+                        done.append((address, row[tensor]))
                         address += page
                     vm.set_access(start, len(rows) * page)
         except BaseException:
-            for address in done:
-                _quietly(self.vm.unmap, address, page)
+            self.stuck += [(address, handle) for address, handle in done
+                           if not _quietly(self.vm.unmap, address, page)]
             raise
 
     def unmap_runs(self, runs: Sequence[Run]) -> None:
@@ -143,12 +148,35 @@ class Mapper:
                     yield start + j * page, row[tensor]
 
 
-def _quietly(call: Callable[..., None], *args: int) -> None:
-    """Undo work after a failure; a second failure must not hide the first."""
+def _without_frames(exc: BaseException) -> BaseException:
+    """`exc` for the caller's join, its traceback kept as text in a note: the frames of
+    a job hold the job and the cache it works on, and an error stored with them would
+    keep a cache that is dropped before its join from ever being collected."""
+    text = "".join(["On the mapper thread:\n", *traceback.format_exception(exc)]).rstrip()
+    logger.debug("%s", text)
+    add_note = getattr(exc, "add_note", None)      # Python 3.11+
+    if add_note is not None:
+        add_note(text)
+    seen: set[int] = set()
+    chain: list[BaseException | None] = [exc]
+    while chain:                                        # the chain's frames too
+        link = chain.pop()
+        if link is not None and id(link) not in seen:
+            seen.add(id(link))
+            link.__traceback__ = None
+            chain += [link.__cause__, link.__context__]
+    return exc
+
+
+def _quietly(call: Callable[..., None], *args: int) -> bool:
+    """Undo work after a failure; a second failure must not hide the first (nor stop
+    the rest of the undo). Returns whether the call succeeded."""
     try:
         call(*args)
-    except DriverError as exc:
+        return True
+    except VattnError as exc:
         logger.error("undo after a driver failure failed too: %s", exc)
+        return False
 
 
 _ENDING: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
@@ -266,7 +294,7 @@ class BackgroundWorker:
             try:
                 job()
             except BaseException as exc:  # handed to the caller at join()
-                self._error = exc
+                self._error = _without_frames(exc)
             finally:
                 job = None  # the job may hold the cache: let it go while idle
                 self._passed.set()

@@ -89,7 +89,10 @@ class Resources:
     def map_runs(self, runs: Iterable[PageRun],
                  between: Callable[[], None] | None = None) -> None:
         """Take handles from the pool and map every run; all or nothing. `between` as in
-        `Mapper.map_runs`."""
+        `Mapper.map_runs`. Pages an earlier undo failed to unmap are unmapped first (a
+        failure raises before anything else changes); a page this call fails to undo
+        keeps its handle out of the pool."""
+        self._unstick()
         tensors = self.layout.num_tensors
         planned = []
         runs = list(runs)
@@ -103,10 +106,20 @@ class Resources:
         try:
             self.mapper.map_runs(planned, between)
         except BaseException:
-            self.pool.put(handles)
+            held = {handle for _, handle in self.mapper.stuck}
+            self.pool.put([h for h in handles if h not in held])
             raise
         for slot, _, rows in planned:
             self.rows[slot].extend(rows)
+
+    def _unstick(self) -> None:
+        """Unmap the pages an undo left mapped (`Mapper.stuck`) and pool their handles."""
+        stuck, page = self.mapper.stuck, self.layout.page_size_bytes
+        while stuck:
+            address, handle = stuck[-1]
+            self.vm.unmap(address, page)
+            stuck.pop()
+            self.pool.put([handle])
 
     def reap(self, block: bool, timeout_s: float = 0.0) -> int:
         """Unmap pending pages whose fence completed (waiting up to `timeout_s` each when
@@ -198,4 +211,5 @@ class Resources:
         runs = [(slot, 0, rows) for slot, rows in enumerate(self.rows) if rows]
         runs += [(p.run.slot, p.run.first_page, p.rows) for p in self.pending]
         assert self.anchor is not None
-        return [*self.mapper.pages(runs), (self.base_address, self.anchor)]
+        stuck, self.mapper.stuck = self.mapper.stuck, []
+        return [*self.mapper.pages(runs), *stuck, (self.base_address, self.anchor)]
