@@ -134,6 +134,30 @@ def test_lowering_the_memory_limit_keeps_active_data() -> None:
             cache.set_memory_limit(PAGE - 1)
 
 
+def test_a_step_over_a_lowered_limit_reclaims_what_the_limit_takes_too() -> None:
+    """Over a lowered limit, the pool releases the first pages given back to it, so a
+    step that reclaims an idle slot's pages must reclaim that many more; can_allocate
+    agrees with what the step then does."""
+    with small_cache(read_slack=0) as cache:
+        tokens = cache.layout.tokens_for_pages(1)
+        a, c = cache.allocate(), cache.allocate()
+        cache.step({a: tokens, c: 3 * tokens})              # 4 and 12 pages
+        k, _ = cache.kv(0)
+        data = torch.randn(tokens, 2, 64)
+        k[a, :tokens] = data
+        cache.set_memory_limit(15 * PAGE)                   # 14 pages: 2 over
+        assert cache.stats().pages_created == 16
+        cache.free(c)
+        cache.step({a: 2 * tokens})     # 4 more: 2 of c's 3 rows (8 pages), 2 released
+        stats = cache.stats()
+        assert cache.capacity(a) == 2 * tokens and stats.pages_created == 14
+        assert (stats.pages_idle, stats.pages_free) == (4, 2)
+        assert torch.equal(k[a, :tokens], data)
+        assert cache.can_allocate(tokens)                   # c's last row
+        assert not cache.can_allocate(2 * tokens)           # 4 more, 2 free
+        check_invariants(cache)
+
+
 def test_step_async_from_several_threads() -> None:
     with small_cache(max_batch_size=8, memory_limit=40 * PAGE) as cache:
         hammer_from_threads(cache, background=True)

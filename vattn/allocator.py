@@ -128,7 +128,9 @@ class SlotAllocator:
              ahead: Mapping[int, int] | None = None, ahead_budget: int = 0) -> MapPlan:
         """Pages to map so each slot in `targets` has at least that many pages per tensor.
 
-        `available` is how many physical pages the pool can hand out. Look-ahead: slots
+        `available` is how many physical pages the pool can hand out, less those it will
+        release of the pages given back to it (over a lowered limit: may be negative, and
+        reclaiming covers that first). Look-ahead: slots
         in `ahead` may also grow toward that many pages, spending at most `ahead_budget`
         physical pages of the pool (never reclaimed ones), the slots with the least
         headroom over their target first, so that many slots crossing a page boundary
@@ -139,7 +141,7 @@ class SlotAllocator:
         slots = self.slots
         need = {slot: pages for slot, pages in targets.items() if pages > slots[slot].num_pages}
         needed = sum(need[slot] - slots[slot].num_pages for slot in need) * self.num_tensors
-        if needed > available:
+        if needed and needed > available:
             if needed > available + self.reclaimable():
                 raise OutOfPages(needed, available + self.reclaimable())
             return MapPlan(grow=self._runs(need), reclaim=self._reclaim_runs(needed - available))

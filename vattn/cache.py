@@ -116,7 +116,7 @@ class VirtualKVCache:
             if slot is None:
                 return False
             short = max(0, pages - self._policy.slots[slot].num_pages) * self.layout.num_tensors
-            spare = (self._res.pool.num_available + self._res.num_pending
+            spare = (self._available() + self._res.num_pending
                      + self._policy.reclaimable(exclude=slot))
             return short <= spare
 
@@ -362,12 +362,17 @@ class VirtualKVCache:
         """Plan `need`; when short, wait for pending pages once and plan again."""
         budget = self.config.lookahead_pages_per_step
         try:
-            return self._policy.plan(need, self._res.pool.num_available, ahead, budget)
+            return self._policy.plan(need, self._available(), ahead, budget)
         except OutOfPages:
             if not self._res.pending:
                 raise
         self._res.reap(block=True, timeout_s=self.config.pending_timeout_s)
-        return self._policy.plan(need, self._res.pool.num_available, ahead, budget)
+        return self._policy.plan(need, self._available(), ahead, budget)
+
+    def _available(self) -> int:
+        """Pages a plan may count on from the pool: what it can hand out, less what it
+        will release of the pages given back while over a lowered limit."""
+        return self._res.pool.num_available - self._res.pool.num_over_limit
 
     def _split(self, plan: MapPlan, targets: Mapping[int, int],
                ) -> tuple[tuple[PageRun, ...], tuple[PageRun, ...]]:

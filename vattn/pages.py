@@ -47,6 +47,12 @@ class PagePool:
         """Handles `take` can hand out now: free ones plus those it may still create."""
         return len(self._free) + max(0, self.limit_pages - self.num_created)
 
+    @property
+    def num_over_limit(self) -> int:
+        """Handles beyond a lowered limit: `put` releases this many of the handles given
+        back before it keeps any (so reclaiming pages yields that many fewer)."""
+        return max(0, self.num_created - self.limit_pages)
+
     def take(self, num_pages: int) -> list[int]:
         """Hand out `num_pages` handles, or raise `OutOfPages` with the pool unchanged.
 
