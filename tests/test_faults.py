@@ -469,3 +469,23 @@ def test_a_page_whose_undo_fails_keeps_its_handle_until_it_is_unmapped(
         check_invariants(cache)
     assert vm.violations == [], vm.violations
     assert vm.leaked_handles == 0 and not vm.mapped
+
+
+def test_a_failed_release_at_close_over_a_lowered_limit_is_finished_by_the_next_close(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a lowered limit the pool releases pages as teardown gives them back; one
+    release failing makes close raise, and the next close finishes without pooling a
+    page twice."""
+    vm = FaultyVM()
+    install(monkeypatch, vm)
+    cache = small_cache(read_slack=0)
+    slot = cache.allocate()
+    cache.step({slot: cache.layout.tokens_for_pages(3)})     # 12 pages
+    cache.set_memory_limit(5 * PAGE)                          # 4 pages: 8 over
+    vm.op, vm.nth = "release", vm.calls["release"] + 1
+    with pytest.raises(DriverError, match="INJECTED"):
+        cache.close()
+    assert not cache.closed and not vm.mapped
+    cache.close()
+    assert cache.closed and vm.closed
+    assert vm.leaked_handles == 0 and vm.violations == [], vm.violations

@@ -171,7 +171,7 @@ class Resources:
         vm, page = self.vm, self.layout.page_size_bytes
         errors: list[VattnError] = []
 
-        def attempt(call: Callable[..., object], *args: int) -> bool:
+        def attempt(call: Callable[..., object], *args: object) -> bool:
             try:
                 call(*args)
                 return True
@@ -180,16 +180,19 @@ class Resources:
                 return False
 
         attempt(vm.synchronize)
-        remaining = []
+        remaining, unmapped = [], []
         for address, handle in self.leftover:
             if not attempt(vm.unmap, address, page):
                 remaining.append((address, handle))
             elif handle == self.anchor:
                 self.anchor_mapped = False
             else:
-                self.pool.put([handle])
+                unmapped.append(handle)
         self.leftover = remaining
-        attempt(self.pool.release_all)   # keeps what it failed to release
+        # Pooled (a pool over a lowered limit releases some at once), then released;
+        # either keeps what it failed to release, for a later call.
+        attempt(self.pool.put, unmapped)
+        attempt(self.pool.release_all)
         if not self.anchor_mapped and self.anchor is not None and attempt(
                 vm.release, self.anchor):
             self.anchor = None
