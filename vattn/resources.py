@@ -191,8 +191,8 @@ class Resources:
         self.leftover = remaining
         # Pooled (a pool over a lowered limit releases some at once), then released;
         # either keeps what it failed to release, for a later call.
-        attempt(self.pool.put, unmapped)
-        attempt(self.pool.release_all)
+        if attempt(self.pool.put, unmapped):
+            attempt(self.pool.release_all)
         if not self.anchor_mapped and self.anchor is not None and attempt(
                 vm.release, self.anchor):
             self.anchor = None
