@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 
@@ -73,6 +75,10 @@ def test_freed_slot_keeps_pages_and_is_reused_best_fit() -> None:
         assert cache.allocate(4000) == a      # a covers 4000 tokens; b does not
         cache.step({a: 4000})
         assert cache.stats().pages_created == before.pages_created  # no driver work
+        cache.free(a)
+        assert cache.allocate(50) == b        # the fewest pages that cover 50 tokens
+        cache.free(b)
+        assert cache.allocate() == a          # unknown size: the most pages
 
 
 def test_reclaim_from_idle_slot_when_pool_is_dry() -> None:
@@ -180,6 +186,9 @@ def test_bad_calls_raise_invalid_argument_and_change_nothing() -> None:
             lambda: cache.allocate(10**9),
             lambda: cache.kv(2),
             lambda: cache.kv("0"),
+            lambda: cache.kv(True),
+            lambda: cache.allocate(None),       # type: ignore[arg-type]
+            lambda: cache.allocate(0.0),        # type: ignore[arg-type]
             lambda: cache.capacity(4),
             lambda: cache.grow_pool(-1),
         ]
@@ -196,6 +205,17 @@ def test_invalid_argument_is_value_error_and_vattn_error() -> None:
     assert issubclass(vattn.InvalidArgument, ValueError)
     assert issubclass(vattn.InvalidArgument, vattn.VattnError)
     assert issubclass(vattn.OutOfPages, vattn.VattnError)
+
+
+@pytest.mark.parametrize("error", [vattn.OutOfPages(4, 2, "host mappings"),
+                                   vattn.DriverError("cuMemMap", "CUDA_ERROR_OUT_OF_MEMORY",
+                                                     "page 3"),
+                                   vattn.InvalidArgument("slot must be an int")])
+def test_errors_cross_a_process_boundary_with_their_fields(error: vattn.VattnError) -> None:
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is type(error) and str(again) == str(error)
+    assert vars(again) == vars(error)
+    assert str(copy.copy(error)) == str(error)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -112,7 +112,7 @@ class VirtualKVCache:
             self._check_usable()
             self._join()
             pages = self._index.pages_for(num_tokens)
-            slot = self._policy.choose(pages)
+            slot = self._policy.choose(pages if num_tokens else 0)
             if slot is None:
                 return False
             short = max(0, pages - self._policy.slots[slot].num_pages) * self.layout.num_tensors
@@ -123,12 +123,14 @@ class VirtualKVCache:
     def allocate(self, num_tokens: int = 0) -> int:
         """Take a free slot for a request of about `num_tokens` tokens (0: unknown).
 
-        Prefers a freed slot whose pages already cover `num_tokens` (best fit). Maps
-        nothing: call `step` next. Raises `OutOfSlots` when every slot is taken.
+        Prefers a freed slot whose pages already cover `num_tokens` (best fit); for an
+        unknown size, the freed slot with the most pages. Maps nothing: call `step`
+        next. Raises `OutOfSlots` when every slot is taken.
         """
         with self._lock:
             self._check_usable()
-            slot = self._policy.allocate(self._index.pages_for(num_tokens))
+            pages = self._index.pages_for(num_tokens)      # validates
+            slot = self._policy.allocate(pages if num_tokens else 0)
             self._targets.pop(slot, None)
             self._index.fits[slot] = self._index.fit(self._policy.slots[slot])
             return slot
@@ -142,9 +144,10 @@ class VirtualKVCache:
         with self._lock:
             self._check_usable()
             self._check_active(slot)
+            fence = self._new_fence()       # first: a failure leaves the slot active
             self._policy.free(slot)
             self._index.fits[slot] = -1
-            self._free_fences[slot] = self._new_fence()
+            self._free_fences[slot] = fence
 
     def step(self, targets: Mapping[int, int]) -> None:
         """Map pages so that each slot in `targets` holds at least that many tokens.
@@ -173,11 +176,14 @@ class VirtualKVCache:
         """`step`, with the driver work on the cache's mapper thread.
 
         Joins the previous background work (raising its error, if any), then plans and
-        reserves the pages here, so `OutOfPages` is raised by this call with nothing
-        changed, and returns while the mapper thread maps them (and unmaps pending
-        pages whose fences completed). The pages are mapped once the next `step`,
-        `step_async` or `wait` returns: call it with the targets of the forward pass
-        after the one about to run, and that forward's pages map while the GPU works.
+        reserves the pages here, so `OutOfPages` for the memory limit (or the slots'
+        pages) is raised by this call with nothing changed, and returns while the
+        mapper thread creates and maps them (and unmaps pending pages whose fences
+        completed). A device that runs out before the limit does, or a failed driver
+        call, surfaces at the join instead, with the plan undone. The pages are mapped
+        once the next `step`, `step_async` or `wait` returns: call it with the targets
+        of the forward pass after the one about to run, and that forward's pages map
+        while the GPU works.
         """
         with self._lock:
             self._check_usable()
@@ -253,11 +259,11 @@ class VirtualKVCache:
     def grow_pool(self, num_bytes: int) -> int:
         """Create physical pages ahead of need (up to `memory_limit`) so later steps only
         map; returns the bytes created."""
+        if not isinstance(num_bytes, int) or isinstance(num_bytes, bool) or num_bytes < 0:
+            raise InvalidArgument(f"num_bytes must be an int >= 0, got {num_bytes!r}")
         with self._lock:
             self._check_usable()
             self._join()
-            if not isinstance(num_bytes, int) or isinstance(num_bytes, bool) or num_bytes < 0:
-                raise InvalidArgument(f"num_bytes must be an int >= 0, got {num_bytes!r}")
             page = self.layout.page_size_bytes
             return self._res.pool.grow(-(-num_bytes // page)) * page
 
@@ -268,7 +274,8 @@ class VirtualKVCache:
         cache's dtype, zero-copy over the virtual reservation. Index by slot and length.
         """
         self._check_usable()
-        if not isinstance(layer, int) or not 0 <= layer < self.layout.num_layers:
+        if (not isinstance(layer, int) or isinstance(layer, bool)
+                or not 0 <= layer < self.layout.num_layers):
             raise InvalidArgument(
                 f"layer must be an int in [0, {self.layout.num_layers}), got {layer!r}")
         return self._views[layer]

@@ -16,7 +16,12 @@ class OutOfPages(VattnError):
     def __init__(self, needed: int, available: int, what: str = "pages") -> None:
         self.needed = needed
         self.available = available
+        self.what = what
         super().__init__(f"out of physical {what}: needed {needed}, available {available}")
+
+    def __reduce__(self) -> tuple[type[OutOfPages], tuple[int, int, str]]:
+        """Pickled with its fields (to cross a process boundary)."""
+        return type(self), (self.needed, self.available, self.what)
 
 
 class OutOfSlots(VattnError):
@@ -39,5 +44,10 @@ class DriverError(VattnError):
     def __init__(self, call: str, code_name: str, detail: str = "") -> None:
         self.call = call
         self.code_name = code_name
+        self.detail = detail
         suffix = f": {detail}" if detail else ""
         super().__init__(f"{call} failed with {code_name}{suffix}")
+
+    def __reduce__(self) -> tuple[type[DriverError], tuple[str, str, str]]:
+        """Pickled with its fields (to cross a process boundary)."""
+        return type(self), (self.call, self.code_name, self.detail)
