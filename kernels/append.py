@@ -29,7 +29,7 @@ def _append_kernel(  # type: ignore[no-untyped-def]
 ):
     row = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    head = tl.program_id(2)
+    head = tl.program_id(2).to(tl.int64)      # offsets in int64: any strides
     offs_d = tl.arange(0, BLOCK_D)
 
     first = tl.load(pos_ptr + row).to(tl.int64)
@@ -43,11 +43,11 @@ def _append_kernel(  # type: ignore[no-untyped-def]
     src = t.to(tl.int64)[:, None]
     dst = dest[:, None]
 
-    k = tl.load(k_new_ptr + row * stride_knb + src * stride_knt + head * stride_knh
+    k = tl.load(k_new_ptr + row.to(tl.int64) * stride_knb + src * stride_knt + head * stride_knh
                 + offs_d[None, :], mask=mask2)
     tl.store(k_ptr + slot * stride_kb + dst * stride_kl + head * stride_kh + offs_d[None, :],
              k.to(k_ptr.dtype.element_ty), mask=mask2)
-    v = tl.load(v_new_ptr + row * stride_vnb + src * stride_vnt + head * stride_vnh
+    v = tl.load(v_new_ptr + row.to(tl.int64) * stride_vnb + src * stride_vnt + head * stride_vnh
                 + offs_d[None, :], mask=mask2)
     tl.store(v_ptr + slot * stride_vb + dst * stride_vl + head * stride_vh + offs_d[None, :],
              v.to(v_ptr.dtype.element_ty), mask=mask2)
@@ -69,7 +69,8 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
             appends); default all T.
 
     Tokens that would land past ``Lmax``, and rows whose slot is out of range, are not
-    written.
+    written. Two rows that write the same token of the same slot race: which one lands
+    is undefined.
 
     Example::
 
@@ -109,10 +110,11 @@ def _check(k: torch.Tensor, v: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     index: list[tuple[str, torch.Tensor | None]] = [
         ("positions", positions), ("slots", slots), ("counts", counts)]
     for name, ints in index:
-        if ints is not None and (ints.shape != (k_new.shape[0],)
+        if ints is not None and (ints.shape != (k_new.shape[0],) or not ints.is_contiguous()
                                  or ints.dtype not in (torch.int32, torch.int64)):
-            raise InvalidArgument(f"{name} must be [{k_new.shape[0]}] int32/int64, got "
-                                  f"{tuple(ints.shape)} {ints.dtype}")
+            raise InvalidArgument(f"{name} must be a contiguous [{k_new.shape[0]}] "
+                                  f"int32/int64 tensor, got {tuple(ints.shape)} {ints.dtype} "
+                                  f"with strides {ints.stride()}")
     for name, tensor in [("v_cache", v), ("k_new", k_new), ("v_new", v_new), *index]:
         if tensor is not None and tensor.device != k.device:
             raise InvalidArgument(f"{name} is on {tensor.device}, k_cache on {k.device}")

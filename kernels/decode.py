@@ -64,9 +64,10 @@ def _schedule(  # type: ignore[no-untyped-def]
     computes the same schedule."""
     rows = tl.arange(0, BLOCK_B)
     in_batch = rows < batch
-    end = tl.minimum(tl.load(lens_ptr + rows, mask=in_batch, other=0).to(tl.int32), max_len)
+    # Clamped to [0, max_len] before the cast, so that no int64 value wraps.
+    end = _clamp(tl.load(lens_ptr + rows, mask=in_batch, other=0), max_len)
     if HAS_STARTS:
-        start = tl.maximum(tl.load(starts_ptr + rows, mask=in_batch, other=0).to(tl.int32), 0)
+        start = _clamp(tl.load(starts_ptr + rows, mask=in_batch, other=0), max_len)
     else:
         start = tl.zeros([BLOCK_B], tl.int32)
     if CHECK_SLOTS:     # a slot out of range reads nothing
@@ -76,6 +77,12 @@ def _schedule(  # type: ignore[no-untyped-def]
     through = tl.cumsum(blocks, 0)
     run = tl.maximum(tl.cdiv(tl.sum(blocks, 0), num_splits), 1)
     return start, end, through, run
+
+
+@triton.jit
+def _clamp(values, max_len):  # type: ignore[no-untyped-def]
+    """Loaded lengths or starts (int32 or int64) clamped to ``[0, max_len]``, as int32."""
+    return tl.maximum(tl.minimum(values, max_len), 0).to(tl.int32)
 
 
 @triton.jit
@@ -119,8 +126,10 @@ def _attend_block(  # type: ignore[no-untyped-def]
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     qk = tl.where(n_mask[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    # Paged: a tile of bad block ids only, with none before it, is all -inf.
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0) if KV_BLOCK > 0 else m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
     v = tl.load(v_base + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
@@ -352,8 +361,9 @@ def _flat_block(  # type: ignore[no-untyped-def]
     if UPCAST:
         q = q.to(tl.float32)
     m_i, l_i, acc = _attend_block(
-        q, k_ptr + slot * stride_kb + kv_head * stride_kh,
-        v_ptr + slot * stride_vb + kv_head * stride_vh, table_ptr + row * stride_tb,
+        q, k_ptr + slot * stride_kb + kv_head.to(tl.int64) * stride_kh,
+        v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh,
+        table_ptr + row * stride_tb,
         blk - row_first, row_start, row_end, m_i, l_i, acc, num_slots, stride_kb,
         stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, KV_BLOCK, UPCAST, PRECISION,
         BLOCK_N, BLOCK_D)
@@ -410,8 +420,8 @@ def _segment(  # type: ignore[no-untyped-def]
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:          # the interpreter's bf16 tl.dot is wrong (triton 3.6): use fp32
         q = q.to(tl.float32)
-    k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+    k_base = k_ptr + slot * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh
     table = table_ptr + row * stride_tb
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -726,6 +736,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         o = decode_attention(q, k, v, lengths_int32, slots=slot_ids)
     """
     check_inputs(q, k_cache, v_cache, cache_seqlens, slots, starts, workspace)
+    if slots is None and q.shape[0] > k_cache.shape[0]:
+        raise InvalidArgument(f"{q.shape[0]} query rows read slots 0..{q.shape[0] - 1} "
+                              f"(no slots given), but the cache has {k_cache.shape[0]}")
     return launch(q, k_cache, v_cache, cache_seqlens, slots, starts, None, 0,
                   k_cache.shape[0], k_cache.shape[1], softmax_scale, out, num_splits,
                   workspace=workspace)
@@ -746,9 +759,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     num_kv_heads = k.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous "
-                              f"last dim, got {tuple(out.shape)} {out.dtype}")
+    elif (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
+          or out.device != q.device):
+        raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a "
+                              f"contiguous last dim, got {tuple(out.shape)} {out.dtype} on "
+                              f"{out.device}")
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise InvalidArgument(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if batch == 0:
@@ -810,7 +825,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
                  slots: torch.Tensor | None, starts: torch.Tensor | None,
                  workspace: torch.Tensor | None = None) -> None:
-    """Shapes, dtypes, strides and devices (K/V as ``[N, L, Hkv, D]``)."""
+    """Shapes, dtypes, strides and devices (K/V as ``[N, L, Hkv, D]``). The paged
+    twin passes its blocks as K/V and no `slots`."""
     if q.dim() != 3:
         raise InvalidArgument(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape
@@ -831,10 +847,11 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.
     index: list[tuple[str, torch.Tensor | None]] = [
         ("cache_seqlens", lens), ("slots", slots), ("starts", starts)]
     for name, ints in index:
-        if ints is not None and (ints.shape != (batch,)
+        if ints is not None and (ints.shape != (batch,) or not ints.is_contiguous()
                                  or ints.dtype not in (torch.int32, torch.int64)):
-            raise InvalidArgument(f"{name} must be [{batch}] int32/int64, got "
-                                  f"{tuple(ints.shape)} {ints.dtype}")
+            raise InvalidArgument(f"{name} must be a contiguous [{batch}] int32/int64 "
+                                  f"tensor, got {tuple(ints.shape)} {ints.dtype} with "
+                                  f"strides {ints.stride()}")
     for name, tensor in [("k_cache", k), ("v_cache", v), *index, ("workspace", workspace)]:
         if tensor is not None and tensor.device != q.device:
             raise InvalidArgument(f"{name} is on {tensor.device}, q on {q.device}")

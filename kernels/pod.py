@@ -50,6 +50,7 @@ from vattn.kernels.decode import (
     DTYPES,
     LOG2E,
     _attend_block,
+    _clamp,
     _interpreted,
     _sm_count,
     fold_partial,
@@ -170,8 +171,8 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
         q = q.to(tl.float32)
     kv_head = head // GROUP
     slot32 = slot.to(tl.int32)
-    k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+    k_base = k_ptr + slot * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh
     # Offsets within a block fit in int32 (the wrapper checks); blocks move the base.
     k_offs = offs_n[:, None] * stride_kl + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vl + offs_d[None, :]
@@ -311,7 +312,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
     split = unit % NUM_SPLITS
     row = pair // NUM_KV_HEADS
     kv_head = pair % NUM_KV_HEADS
-    end = tl.minimum(tl.load(lens_ptr + row).to(tl.int32), max_len)
+    end = _clamp(tl.load(lens_ptr + row), max_len)
     if HAS_SLOTS:
         slot = tl.load(slots_ptr + row).to(tl.int64)
         end = tl.where((slot >= 0) & (slot < num_slots), end, 0)
@@ -329,8 +330,8 @@ def _decode_split(  # type: ignore[no-untyped-def]
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        k_base = k_ptr + slot * stride_kb + kv_head * stride_kh
-        v_base = v_ptr + slot * stride_vb + kv_head * stride_vh
+        k_base = k_ptr + slot * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh
         lo = split * SPLIT
         last_block = tl.cdiv(tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0), BLOCK_N)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -548,14 +549,18 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         raise InvalidArgument(f"a token stride of {max(k_cache.stride(1), v_cache.stride(1))}"
                               f" elements is too large for block_n={tiling.block_n} "
                               "(offsets within a block must fit in int32)")
-    require_runnable(q_decode.device)
-    dev = q_decode.device
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
+    block_g = max(16, triton.next_power_of_2(group))
+    if num_decode * block_g * block_d >= 2**31:     # the partials' int32 offsets
+        raise InvalidArgument(f"{num_decode} decode splits of {block_g} x {block_d} floats "
+                              f"exceed the 2**31 a launch can address; pass a smaller "
+                              f"max_decode_len or a larger tiling.split")
+    require_runnable(q_decode.device)
+    dev = q_decode.device
     tma = (tiling.tma if tiling.tma is not None
            else _tma_refusal(k_cache, v_cache, block_d) is None)
     descs = _descriptors(k_cache, v_cache, tiling, block_d) if tma else (k_cache,) * 4
-    block_g = max(16, triton.next_power_of_2(group))
     num_splits = triton.cdiv(max_len, tiling.split)
     sms = _num_sms(dev)
     # One workspace, one memset: counters, arrivals, then the partials.
@@ -640,9 +645,11 @@ def pod_units(chunk: int, num_heads: int, batch: int, num_kv_heads: int,
 def _out(out: torch.Tensor | None, q: torch.Tensor, name: str) -> torch.Tensor:
     if out is None:
         return torch.empty_like(q)
-    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise InvalidArgument(f"{name} must be {tuple(q.shape)} {q.dtype} with a "
-                              f"contiguous last dim, got {tuple(out.shape)} {out.dtype}")
+    if (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
+            or out.device != q.device):
+        raise InvalidArgument(f"{name} must be {tuple(q.shape)} {q.dtype} on {q.device} "
+                              f"with a contiguous last dim, got {tuple(out.shape)} "
+                              f"{out.dtype} on {out.device}")
     return out
 
 
@@ -679,10 +686,14 @@ def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     index: list[tuple[str, torch.Tensor | None]] = [("decode_seqlens", lens),
                                                     ("decode_slots", slots)]
     for name, ints in index:
-        if ints is not None and (ints.shape != (batch,)
+        if ints is not None and (ints.shape != (batch,) or not ints.is_contiguous()
                                  or ints.dtype not in (torch.int32, torch.int64)):
-            raise InvalidArgument(f"{name} must be [{batch}] int32/int64, got "
-                                  f"{tuple(ints.shape)} {ints.dtype}")
+            raise InvalidArgument(f"{name} must be a contiguous [{batch}] int32/int64 "
+                                  f"tensor, got {tuple(ints.shape)} {ints.dtype} with "
+                                  f"strides {ints.stride()}")
+    if slots is None and batch > num_slots:
+        raise InvalidArgument(f"{batch} decodes read slots 0..{batch - 1} (no decode_slots "
+                              f"given), but the cache has {num_slots}")
     tensors: list[tuple[str, torch.Tensor | None]] = [
         ("q_prefill", qp), ("k_cache", k), ("v_cache", v), *index]
     for name, tensor in tensors:

@@ -159,9 +159,13 @@ def test_append_never_writes_past_max_context_len() -> None:
     ("mixed", "must all be bf16, fp16 or fp32"),
     ("heads", "must be a multiple of KV heads"),
     ("q_shape", "q must be [B, Hq, D]"),
-    ("lengths", "cache_seqlens must be [2] int32/int64"),
+    ("lengths", "cache_seqlens must be a contiguous [2] int32/int64"),
+    ("column", "cache_seqlens must be a contiguous [2] int32/int64"),
+    ("broadcast", "slots must be a contiguous [2] int32/int64"),
     ("strided", "contiguous last dim"),
     ("workspace", "workspace must be a contiguous 1-D int32 tensor of at least 4"),
+    ("rows", "4 query rows read slots 0..3 (no slots given), but the cache has 3"),
+    ("out", "out must be (2, 4, 64) torch.float16 on"),
 ])
 def test_decode_refuses_bad_input(change: str, message: str) -> None:
     k = torch.randn(3, 40, HKV, D, device=DEVICE).to(torch.float16)
@@ -178,13 +182,21 @@ def test_decode_refuses_bad_input(change: str, message: str) -> None:
         q = q[:, None]
     elif change == "lengths":
         lengths = lengths.float()
+    elif change == "column":        # a column of a [B, 2] table: strided
+        lengths = _ints([[5, 0], [7, 0]])[:, 0]
     elif change == "strided":
         k = torch.randn(3, 40, HKV, 2 * D, device=DEVICE).to(torch.float16)[..., ::2]
+    elif change == "rows":
+        q, lengths = torch.randn(4, 4, D, device=DEVICE).to(torch.float16), _ints([5] * 4)
+    slots = _ints([1]).expand(2) if change == "broadcast" else None
     workspace = None
     if change == "workspace":
         workspace = torch.zeros(3, dtype=torch.int32, device=DEVICE)    # B * Hkv = 4
-    with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
-        decode_attention(q, k, v, lengths, workspace=workspace)
+    out = torch.empty_like(q, device="meta") if change == "out" else None
+    pattern = message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(
+        ")", r"\)")
+    with pytest.raises(InvalidArgument, match=pattern):
+        decode_attention(q, k, v, lengths, slots, workspace=workspace, out=out)
 
 
 def test_append_refuses_bad_input() -> None:
@@ -195,6 +207,8 @@ def test_append_refuses_bad_input() -> None:
     new = torch.randn(2, 1, HKV, D, device=DEVICE).to(torch.float16)
     with pytest.raises(InvalidArgument, match="positions must be"):
         append_kv(k, k.clone(), new, new, _ints([0, 0, 0]))
+    with pytest.raises(InvalidArgument, match="positions must be a contiguous"):
+        append_kv(k, k.clone(), new, new, _ints([[0, 1], [2, 3]])[:, 1])
 
 
 @pytest.mark.gpu
@@ -360,6 +374,45 @@ def test_paged_twin_equals_the_contiguous_kernel(block_size: int) -> None:
         assert not torch.isnan(paged).any()
         assert relative_error(paged, ref) < 1e-2
         assert torch.allclose(paged.float(), dense.float(), atol=2e-3, rtol=0)
+
+
+def test_paged_twin_reads_nothing_at_bad_block_ids() -> None:
+    """Rows whose first tiles hold only block ids out of range (unallocated, -1), or
+    only such ids: those tokens count for nothing, and nothing turns NaN."""
+    torch.manual_seed(13)
+    block, hkv = 16, HKV
+    blocks = torch.randn(6, block, hkv, D, device=DEVICE).to(torch.float16)
+    values = torch.randn_like(blocks)
+    table = _ints([[-1] * 8 + [2, 4], [99] * 10, [5, 1] + [-1] * 8])
+    lengths = [160, 100, 20]
+    q = torch.randn(3, 2 * hkv, D, device=DEVICE).to(torch.float16)
+    for splits in (1, 2, None):
+        out = paged_decode_attention(q, blocks, values, table, _ints(lengths),
+                                     num_splits=splits)
+        assert not torch.isnan(out).any(), splits
+        assert torch.all(out[1] == 0), splits
+        # Row 0 sees blocks 2 and 4 (tokens 128..159), row 2 blocks 5 and 1 (0..19).
+        for row, ids, count in ((0, [2, 4], 32), (2, [5, 1], 20)):
+            k = blocks[ids].reshape(-1, hkv, D)[None, :count]
+            v = values[ids].reshape(-1, hkv, D)[None, :count]
+            ref = reference(q[row:row + 1], k, v, [count], [0], [0], D ** -0.5)
+            assert relative_error(out[row:row + 1], ref) < 1e-2, (splits, row)
+
+
+def test_int64_lengths_and_starts_are_clamped_to_lmax() -> None:
+    """Past ``Lmax`` (even past 2**32) a length is ``Lmax``, and a start past it leaves
+    the row empty: nothing wraps to a small value."""
+    torch.manual_seed(14)
+    k = torch.randn(2, 40, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 4, D, device=DEVICE).to(torch.float16)
+    huge = torch.tensor([2**32 + 5, 2**31], device=DEVICE)
+    out = decode_attention(q, k, v, huge)
+    assert relative_error(out, reference(q, k, v, [40, 40], [0, 1], [0, 0], D ** -0.5)) < 1e-2
+    out = decode_attention(q, k, v, torch.tensor([40, 40], device=DEVICE),
+                           starts=torch.tensor([2**32, 3], device=DEVICE))
+    assert torch.all(out[0] == 0)
+    assert relative_error(out[1:], reference(q[1:], k, v, [40], [1], [3], D ** -0.5)) < 1e-2
 
 
 def test_paged_twin_refuses_a_bad_block_table() -> None:

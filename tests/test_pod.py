@@ -232,6 +232,10 @@ def check_trace(policy: str) -> None:
     ("lens", "decode_seqlens must be"),
     ("bound", "max_decode_len must be an int >= 1"),
     ("trace", "trace must be a contiguous int64"),
+    ("column", "decode_seqlens must be a contiguous"),
+    ("rows", "4 decodes read slots 0..3 .no decode_slots given., but the cache has 3"),
+    ("out", "out_decode must be .2, 4, 64. torch.float16 on"),
+    ("splits", "exceed the 2..31 a launch can address"),
 ])
 def test_pod_refuses_bad_input(change: str, message: str) -> None:
     q = torch.randn(4, 4, D, device=DEVICE, dtype=torch.float16)
@@ -252,6 +256,20 @@ def test_pod_refuses_bad_input(change: str, message: str) -> None:
         args["max_decode_len"] = 0
     elif change == "trace":
         args["trace"] = torch.zeros(3, 5, dtype=torch.int64, device=DEVICE)   # too few rows
+    elif change == "column":
+        args["decode_seqlens"] = _ints([[3, 0], [4, 0]])[:, 0]
+    elif change == "rows":
+        args["q_decode"], args["decode_seqlens"] = q, _ints([3] * 4)
+    elif change == "out":
+        args["out_decode"] = torch.empty(2, 4, D, device="meta", dtype=torch.float16)
+    elif change == "splits":    # 2**20 decode units of 16 x 64 floats each
+        args["tiling"] = PodTiling(decode_block_n=16, split=16)
+        args["q_decode"] = torch.randn(2**13, 4, D, device="meta", dtype=torch.float16)
+        args["decode_seqlens"] = torch.ones(2**13, dtype=torch.int32, device="meta")
+        args["decode_slots"] = torch.zeros(2**13, dtype=torch.int32, device="meta")
+        args["q_prefill"] = q.to("meta")
+        args["k_cache"] = args["v_cache"] = torch.empty(3, 2**12, HKV, D, device="meta",
+                                                        dtype=torch.float16)
     else:
         args["decode_seqlens"] = _ints([3])
     with pytest.raises(InvalidArgument, match=message):
