@@ -100,8 +100,8 @@ def test_refused_operations_and_bad_input_leave_the_cache_usable() -> None:
         ids = torch.randint(1, VOCAB, (2, 8))
         model(ids, past_key_values=cache)
         assert issubclass(Unsupported, NotImplementedError)   # what transformers expects
-        with pytest.raises(Unsupported, match="not a permutation"):
-            cache.reorder_cache(torch.tensor([0, 0]))
+        with pytest.raises(InvalidArgument, match="beam_idx must name one of the 2 rows"):
+            cache.reorder_cache(torch.tensor([0, 2]))
         with pytest.raises(Unsupported, match="cannot expand"):
             cache.batch_repeat_interleave(2)
         with pytest.raises(Unsupported, match="offloading"):
@@ -119,6 +119,56 @@ def test_refused_operations_and_bad_input_leave_the_cache_usable() -> None:
         assert [layer.get_seq_length() for layer in cache.layers] == [5, 5, 5]
         out = model(torch.randint(1, VOCAB, (2, 1)), past_key_values=cache)
         assert not torch.isnan(out.logits).any() and cache.get_seq_length() == 6
+
+
+def test_a_batch_larger_than_the_cache_is_refused_before_a_slot_is_taken() -> None:
+    model = tiny_llama("sdpa")
+    with vattn_cache(model, 2) as cache, torch.no_grad():
+        with pytest.raises(InvalidArgument, match="the forward has 3 rows, the cache holds "
+                                                  "at most 2"):
+            model(torch.randint(1, VOCAB, (3, 4)), past_key_values=cache)
+        assert cache.cache.stats().active_slots == 0 and not cache.rows
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3), dict(num_beams=2, num_return_sequences=2),
+    dict(prompt_lookup_num_tokens=3), dict(assistant="self")],
+    ids=["beams", "beams-returned", "prompt-lookup", "assisted"])
+def test_beam_search_and_assisted_generation_match_dynamic_cache(
+        options: dict[str, object]) -> None:
+    """Beam search reorders rows by copies (its first reorder is ``[0, 0, ...]``: every
+    beam starts from the first); assisted steps crop the rejected draft tokens, and
+    ``crop(0)`` (all accepted) keeps every token."""
+    torch.manual_seed(8)
+    model = tiny_llama("sdpa")
+    options = dict(options)
+    if options.pop("assistant", None):
+        options["assistant_model"] = model
+    # Repeating prompts, so that prompt lookup finds drafts and has some accepted.
+    ids = torch.tensor([[5, 9, 13, 5, 9, 13, 5, 9, 13, 5]])
+    mask = torch.ones_like(ids)
+    rows = int(options.get("num_beams", 1))     # type: ignore[call-overload]
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                             past_key_values=transformers.DynamicCache(config=model.config),
+                             **options)
+        with vattn_cache(model, rows) as cache:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=16,
+                                 do_sample=False, past_key_values=cache, **options)
+    assert torch.equal(got, ref)
+
+
+def test_crop_zero_keeps_every_token() -> None:
+    model = tiny_llama("sdpa")
+    with vattn_cache(model, 1) as cache, torch.no_grad():
+        model(torch.randint(1, VOCAB, (1, 10)), past_key_values=cache)
+        cache.crop(0)
+        assert cache.get_seq_length() == 10
+        cache.crop(-0)
+        cache.crop(20)                  # the older form: keep at most 20
+        assert cache.get_seq_length() == 10
+        cache.crop(4)
+        assert cache.get_seq_length() == 4
 
 
 @pytest.mark.host_kernels

@@ -8,10 +8,11 @@ every layer writes its new tokens at its own offset (transformers 5 calls
 views of the slots, with no copy where the rows' slots are ``0..B-1`` in order (a
 fresh cache). Pages are mapped as the first layer of a forward sees the new length.
 
-Operations that would reassign the buffers are implemented where the virtual layout
-allows it (`reset`, `reorder_cache` with a permutation, `crop`) and refused with
-`vattn.errors.Unsupported` (a `NotImplementedError`) otherwise (offloading, beam
-expansion).
+`reset`, `crop` and `reorder_cache` (beam search) are implemented: a reorder that
+permutes the rows permutes their slots (no data moves), any other copies the K/V of the
+rows that take another row's into their own slots. Operations that would reassign the
+buffers are refused with `vattn.errors.Unsupported` (a `NotImplementedError`):
+offloading, and growing or shrinking the batch in place.
 
 Importing this module also registers the attention function ``"vattn"`` (with its mask
 function: without one transformers passes no mask and padding would be ignored). With
@@ -117,6 +118,11 @@ class VAttentionLayer(SlotLayer):
         """Done once for all layers by `VAttentionCache.reorder_cache`."""
 
     def crop(self, tokens_to_remove: int) -> None:
+        """As transformers' layers: a negative value drops that many tokens, 0 none, a
+        positive one (the older form) keeps at most that many."""
+        tokens_to_remove = int(tokens_to_remove)    # generate may pass a 0-d tensor
+        if tokens_to_remove == 0:       # generate's assisted steps pass -0
+            return
         keep = (self.num_tokens + tokens_to_remove if tokens_to_remove < 0
                 else min(tokens_to_remove, self.num_tokens))
         self.num_tokens = max(0, keep)
@@ -170,8 +176,8 @@ class VAttentionCache(Cache):
         """The target every row's slot was last stepped to."""
         self.backends: Counter[str] = Counter()
         """Calls of the ``"vattn"`` attention function, by the kernel that ran."""
-        super().__init__(layers=[VAttentionLayer(self, i)
-                                 for i in range(self.cache.config.num_layers)])
+        self.slot_layers = [VAttentionLayer(self, i) for i in range(self.cache.config.num_layers)]
+        super().__init__(layers=list(self.slot_layers))
 
     # The rows, their slots and their pages.
 
@@ -185,6 +191,10 @@ class VAttentionCache(Cache):
             raise InvalidArgument(f"{num_tokens} tokens a row exceed max_cache_len "
                                   f"{self.cache.max_context_len}")
         if not self.rows:
+            if batch > self.cache.config.max_batch_size:
+                raise InvalidArgument(f"the forward has {batch} rows, the cache holds at "
+                                      f"most {self.cache.config.max_batch_size} "
+                                      f"(max_batch_size)")
             slots = []
             try:
                 for _ in range(batch):
@@ -225,14 +235,25 @@ class VAttentionCache(Cache):
             layer.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Row ``i`` takes row ``beam_idx[i]``'s K/V: a permutation of the rows' slots
-        (no data moves); a non-permutation would need copies and is refused."""
+        """Row ``i`` takes row ``beam_idx[i]``'s K/V (beam search). A permutation of the
+        rows permutes their slots (no data moves); otherwise the rows that take another
+        row's K/V get a copy of its tokens in their own slots, in every layer."""
         order = [int(i) for i in beam_idx.tolist()]
-        if sorted(order) != list(range(len(self.rows))):
-            raise Unsupported(f"VAttentionCache reorders rows by permuting their "
-                                      f"slots; {order} is not a permutation of "
-                                      f"{len(self.rows)} rows")
-        self._set_rows([self.rows[i] for i in order])
+        if len(order) != len(self.rows) or not all(0 <= i < len(self.rows) for i in order):
+            raise InvalidArgument(f"beam_idx must name one of the {len(self.rows)} rows for "
+                                  f"each row, got {order}")
+        if sorted(order) == list(range(len(self.rows))):
+            self._set_rows([self.rows[i] for i in order])
+            return
+        moved = [row for row, source in enumerate(order) if source != row]
+        device = self.cache.device
+        dst = torch.tensor([self.rows[row] for row in moved], device=device)
+        src = torch.tensor([self.rows[order[row]] for row in moved], device=device)
+        for layer, state in enumerate(self.slot_layers):
+            n = state.num_tokens
+            if n:
+                for t in self.cache.kv(layer):
+                    t[dst, :n] = t[src, :n]         # the source gathered first
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
