@@ -122,9 +122,15 @@ def test_over_budget_cases_are_skipped_with_the_reason(tmp_path) -> None:  # typ
     (["--page-mib", "2,x"], "--page-mib takes comma-separated integers > 0"),
     (["--page-mib", "0"], "--page-mib takes comma-separated integers > 0"),
     (["--layouts", "paged"], "layout must be one of"),
-    (["--batch", "-1"], "--batch must be > 0"),
-    (["--iteration-ms", "0"], "--iteration-ms must be > 0"),
+    (["--batch", "-1"], "argument --batch: expected an int >= 1, got '-1'"),
+    (["--iteration-ms", "0"], "argument --iteration-ms: expected a number > 0, got '0'"),
+    (["--kv-heads", "0"], "argument --kv-heads: expected an int >= 1, got '0'"),
 ])
 def test_bad_arguments_are_clear_errors(argv: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["bench", "alloc", "--device", "cpu", *SMALL_ARGS, *argv]) == 1
+    if message.startswith("argument"):      # refused by the parser: usage and exit 2
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "alloc", "--device", "cpu", *SMALL_ARGS, *argv])
+        assert exit_info.value.code == 2
+    else:
+        assert main(["bench", "alloc", "--device", "cpu", *SMALL_ARGS, *argv]) == 1
     assert message in capsys.readouterr().err

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vattn.cli import main
 
 
@@ -26,6 +28,46 @@ def test_python_dash_m_vattn() -> None:
 def test_bad_device_is_a_clear_error(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["info", "--device", "tpu"]) == 1
     assert "device must be 'cpu' or 'cuda[:N]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--requests", "0"], "argument --requests: expected an int >= 1, got '0'"),
+    (["demo", "--chunk", "0"], "argument --chunk: expected an int >= 1, got '0'"),
+    (["info", "--page-mib", "0"], "argument --page-mib: expected a number > 0, got '0'"),
+    (["bench", "core", "--repeats", "0"], "argument --repeats: expected an int >= 1"),
+    (["bench", "e2e", "--batches", "1,-1"], "argument --batches: expected an int >= 1, "
+                                            "got '-1'"),
+    (["bench", "e2e", "--batches", "x"], "argument --batches: expected an int >= 1"),
+    (["bench", "e2e", "--steps", "0"], "argument --steps: expected an int >= 1"),
+])
+def test_bad_numbers_are_refused_before_any_work(argv: list[str], message: str,
+                                                 capsys) -> None:  # type: ignore[no-untyped-def]
+    """A 0 is an error, not the default, and nothing runs first."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_e2e_names_a_bad_device_like_the_other_commands(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "e2e", "--device", "gpu"]) == 1
+    assert "device must be 'cpu' or 'cuda[:N]', got 'gpu'" in capsys.readouterr().err
+
+
+def test_a_plot_without_matplotlib_is_refused_before_the_work(
+        monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import fails
+    assert main(["bench", "alloc", "--device", "cpu", "--plot", "x.png"]) == 1
+    captured = capsys.readouterr()
+    assert "pip install 'vattn[plot]'" in captured.err and "GiB/s" not in captured.out
+
+
+def test_subcommand_help_is_a_whole_sentence() -> None:
+    from vattn.cli import _summary
+
+    assert _summary("End-to-end decode (vAttention Fig. 9a).\n\nMore.") == (
+        "End-to-end decode (vAttention Fig. 9a).")
+    assert _summary("First part,\ncontinued. Second. Third") == "First part, continued."
 
 
 def test_kernels_are_importable_as_vattn_kernels() -> None:

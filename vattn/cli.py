@@ -1,16 +1,18 @@
-"""The `vattn` command: ``vattn info`` and ``vattn bench ...``."""
+"""The vattn command: info (backend and self-check), demo (continuous batching over
+vattn, checked against transformers) and bench (the benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 
 import torch
 
-from vattn.bench import alloc, core, decode, e2e, overlap, pod
+from vattn.bench import alloc, common, core, decode, e2e, overlap, pod
 from vattn.config import resolve_device
 from vattn.driver import open_backend
 from vattn.errors import VattnError
@@ -76,7 +78,15 @@ def info(device: str, page_size_bytes: int) -> int:
 
 
 def _mib(text: str) -> int:
-    return int(float(text) * (1 << 20))
+    """An argparse type: MiB > 0, as bytes."""
+    return int(common.positive_float(text) * (1 << 20))
+
+
+def _summary(doc: str | None) -> str:
+    """A module docstring's first sentence, on one line (a subcommand's help)."""
+    text = " ".join((doc or "").split("\n\n")[0].split())
+    end = re.search(r"\.\s+(?=[A-Z`])", text)      # not "Fig. 9"
+    return text if end is None else text[:end.start() + 1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,12 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="page size for the self-check, MiB (default 2)")
     from vattn import demo
 
-    demo.add_arguments(commands.add_parser("demo", help=(demo.__doc__ or "").splitlines()[0]))
+    demo.add_arguments(commands.add_parser("demo", help=_summary(demo.__doc__)))
     p_bench = commands.add_parser("bench", help="benchmarks")
     benches = p_bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHES.items():
-        doc = module.__doc__ or ""
-        module.add_arguments(benches.add_parser(name, help=doc.splitlines()[0]))
+        module.add_arguments(benches.add_parser(name, help=_summary(module.__doc__)))
     return parser
 
 
@@ -110,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or _default_device()
     try:
+        if getattr(args, "plot", None):
+            common.pyplot()         # before the work, not after it
         if args.command == "info":
             return info(device, args.page_size_bytes)
         if args.command == "demo":

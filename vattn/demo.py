@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vattn.bench import common
 from vattn.config import resolve_device
 from vattn.errors import InvalidArgument, VattnError
 
@@ -35,9 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
     parser.add_argument("--model", choices=sorted(MODELS), default=None,
                         help="default: tiny on a CPU, llama-3-8b-4l on a GPU")
-    parser.add_argument("--requests", type=int, default=None, help="default 6 / 64")
-    parser.add_argument("--max-batch", type=int, default=None, help="slots; default 3 / 16")
-    parser.add_argument("--chunk", type=int, default=None, help="prefill chunk; 16 / 512")
+    parser.add_argument("--requests", type=common.positive_int, default=None, help="default 6 / 64")
+    parser.add_argument("--max-batch", type=common.positive_int, default=None,
+                        help="slots; default 3 / 16")
+    parser.add_argument("--chunk", type=common.positive_int, default=None,
+                        help="prefill chunk; 16 / 512")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the comparison with DynamicCache")
     parser.add_argument("--seed", type=int, default=0)

@@ -305,24 +305,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", default="per_layer,token_major")
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS),
                         help="KV shape (overridden field by field by the options below)")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--kv-heads", type=int, default=None)
-    parser.add_argument("--head-dim", type=int, default=None)
+    parser.add_argument("--layers", type=common.positive_int, default=None)
+    parser.add_argument("--kv-heads", type=common.positive_int, default=None)
+    parser.add_argument("--head-dim", type=common.positive_int, default=None)
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=common.positive_int, default=None,
                         help="requests mapped per step (default: 4 on cuda, 2 on cpu)")
-    parser.add_argument("--tokens", type=int, default=None,
+    parser.add_argument("--tokens", type=common.positive_int, default=None,
                         help="tokens each request maps (default: 4096 on cuda, 256 on cpu)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=common.positive_int, default=None,
                         help="pooled repeats per path (default: 15 on cuda, 3 on cpu)")
-    parser.add_argument("--latency-calls", type=int, default=32,
+    parser.add_argument("--latency-calls", type=common.positive_int, default=32,
                         help="single-page calls timed per kind and page size")
-    parser.add_argument("--max-gib", type=float, default=None,
+    parser.add_argument("--max-gib", type=common.positive_float, default=None,
                         help="skip cases that would hold more (default: half the free device "
                         "memory on cuda, 1 GiB on cpu)")
-    parser.add_argument("--decode-batch", type=int, default=32,
+    parser.add_argument("--decode-batch", type=common.positive_int, default=32,
                         help="demand model: requests decoding together")
-    parser.add_argument("--iteration-ms", type=float, default=10.0,
+    parser.add_argument("--iteration-ms", type=common.positive_float, default=10.0,
                         help="demand model: time of one decode iteration")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--plot", default=None, help="write a PNG of GiB/s vs page size here")
@@ -366,10 +366,7 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
 
 
 def plot(path: str, rows: Sequence[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for layout in dict.fromkeys(r["layout"] for r in rows):
@@ -388,7 +385,7 @@ def plot(path: str, rows: Sequence[dict[str, Any]], title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path)
     plt.close(fig)
 
 

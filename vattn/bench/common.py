@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -20,7 +21,7 @@ import torch
 
 import vattn
 from vattn.driver import open_backend
-from vattn.errors import InvalidArgument
+from vattn.errors import InvalidArgument, VattnError
 
 T = TypeVar("T")
 
@@ -180,6 +181,57 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (so that a 0 is an error, not the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> str:
+    """An argparse type: comma-separated ints >= 1, checked and kept as the text (the
+    benches split it where they use it)."""
+    for item in (t for t in text.split(",") if t):
+        positive_int(item)
+    if not any(text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return text
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or an error that names the
+    extra to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise VattnError("--plot needs matplotlib: pip install 'vattn[plot]'") from None
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write `fig` as a PNG at `path`, its folder created if missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """Core cache numbers: bulk map through step, no-op step, fragmentation, decode on the cache.
 
-Llama-3-8B KV shape (32 layers, 8 KV heads, head dim 128, bf16), 32 slots, 2 MiB pages.
+Llama-3-8B KV shape (32 layers, 8 KV heads, head dim 128, bf16), 2 MiB pages, 32 slots
+at 4096 tokens each on a GPU (20 GiB with ``per_layer``); on the host backend 8 slots at
+1024 tokens (1 GiB), so that it fits in a small machine's memory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from vattn.bench import common
 from vattn.cache import VirtualKVCache
+from vattn.errors import InvalidArgument
 
 LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "num_q_heads": 32}
 GiB = 1 << 30
@@ -27,20 +30,23 @@ def _cache(device: str, layout: str, num_layers: int, context: int, slots: int =
                           lookahead_tokens=0)
 
 
-def bulk_map(device: str, layout: str, tokens: int, repeats: int) -> dict[str, Any]:
-    """32 slots stepped from empty to `tokens` at once; pooled handles (create excluded),
-    and the first step with create included."""
-    with _cache(device, layout, LLAMA3_8B["num_layers"], 32768, read_slack=0) as cache:
+def bulk_map(device: str, layout: str, slots: int, tokens: int,
+             repeats: int) -> dict[str, Any]:
+    """`slots` slots stepped from empty to `tokens` at once; pooled handles (create
+    excluded), and the first step with create included."""
+    with _cache(device, layout, LLAMA3_8B["num_layers"], 32768, slots=slots,
+                read_slack=0) as cache:
         first = common.host_times(lambda: _fill_all(cache, tokens), 1, warmup=0)[0]
         mapped = cache.stats().pages_mapped * cache.layout.page_size_bytes
         times = []
         for _ in range(repeats):
-            for slot in range(32):
+            for slot in range(slots):
                 cache.free(slot)
             cache.trim(release=False)
             times.append(common.host_times(lambda: _fill_all(cache, tokens), 1, warmup=0)[0])
     t = common.median(times)
-    return {"layout": layout, "pages": mapped // cache.layout.page_size_bytes,
+    return {"layout": layout, "slots": slots, "tokens": tokens,
+            "pages": mapped // cache.layout.page_size_bytes,
             "GiB mapped": round(mapped / GiB, 2), "ms (pooled)": round(t * 1e3, 2),
             "GiB/s (pooled)": round(mapped / GiB / t, 1),
             "GiB/s (create incl.)": round(mapped / GiB / first, 1)}
@@ -51,22 +57,26 @@ def _fill_all(cache: VirtualKVCache, tokens: int) -> None:
     cache.step(dict.fromkeys(slots, tokens))
 
 
-def noop_step(device: str, layout: str, repeats: int) -> dict[str, Any]:
-    """A step over 32 active slots that needs no page: decode inside mapped pages (the
-    lengths cycle below the 4096 tokens mapped, so no step maps anything)."""
-    with _cache(device, layout, LLAMA3_8B["num_layers"], 32768) as cache:
-        _fill_all(cache, 4096)
+def noop_step(device: str, layout: str, slots: int, tokens: int,
+              repeats: int) -> dict[str, Any]:
+    """A step over `slots` active slots that needs no page: decode inside mapped pages
+    (the lengths cycle through the last quarter below the `tokens` mapped, so no step
+    maps anything)."""
+    with _cache(device, layout, LLAMA3_8B["num_layers"], 32768, slots=slots) as cache:
+        _fill_all(cache, tokens)
         pages = cache.stats().pages_created
-        lengths = dict.fromkeys(range(32), 3000)
+        low, span = tokens - tokens // 4, tokens // 4
+        lengths = dict.fromkeys(range(slots), low)
 
         def one() -> None:
             for slot in lengths:
-                lengths[slot] = 3000 + (lengths[slot] - 2999) % 1000
+                lengths[slot] = low + (lengths[slot] - low + 1) % span
             cache.step(lengths)
 
         times = common.host_times(one, repeats, warmup=10)
         assert cache.stats().pages_created == pages, "a no-op step mapped pages"
-    return {"layout": layout, "median us": round(common.median(times) * 1e6, 1),
+    return {"layout": layout, "slots": slots,
+            "median us": round(common.median(times) * 1e6, 1),
             "p99 us": round(common.percentile(times, 99) * 1e6, 1),
             "max us": round(max(times) * 1e6, 1)}
 
@@ -132,10 +142,15 @@ def decode(device: str, layout: str, batch: int, context: int, num_layers: int,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
-    parser.add_argument("--repeats", type=int, default=20, help="bulk-map repeats")
-    parser.add_argument("--decode-layers", type=int, default=32,
+    parser.add_argument("--repeats", type=common.positive_int, default=20, help="bulk-map repeats")
+    parser.add_argument("--decode-layers", type=common.positive_int, default=32,
                         help="layers in the decode cache (rotated for a cold L2; 32 gives "
                         "token_major its real Llama-3-8B token stride)")
+    parser.add_argument("--slots", type=common.positive_int, default=None,
+                        help="slots of the bulk map and the no-op step (default 32; 8 on "
+                        "the host backend)")
+    parser.add_argument("--tokens", type=common.positive_int, default=None,
+                        help="tokens each slot maps there (default 4096; 1024 on the host)")
     parser.add_argument("--skip-decode", action="store_true", help="no attention timings")
     parser.add_argument("--json", default=None, help="write results here")
 
@@ -149,8 +164,15 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[str], None]) -> i
     emit(common.header_line(header))
     layouts = ["per_layer", "token_major"]
     results: dict[str, Any] = {"environment": header}
-    results["bulk_map"] = [bulk_map(device, lay, 4096, args.repeats) for lay in layouts]
-    results["noop_step"] = [noop_step(device, lay, 2000) for lay in layouts]
+    host = dev.type != "cuda"
+    slots = args.slots or (8 if host else 32)
+    tokens = args.tokens or (1024 if host else 4096)
+    if tokens < 4:
+        raise InvalidArgument(f"--tokens must be >= 4 (the no-op step cycles through the "
+                              f"last quarter), got {tokens}")
+    results["bulk_map"] = [bulk_map(device, lay, slots, tokens, args.repeats)
+                           for lay in layouts]
+    results["noop_step"] = [noop_step(device, lay, slots, tokens, 2000) for lay in layouts]
     results["fragmentation"] = [row for lay in layouts for row in fragmentation(
         device, lay, [1000, 1024, 2048, 4096, 5000, 8192, 16384, 32768])]
     if dev.type == "cuda" and not args.skip_decode:

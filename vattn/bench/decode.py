@@ -177,11 +177,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda[:N]")
     parser.add_argument("--cases", default="a,b", help="comma-separated: a, b")
     parser.add_argument("--layouts", default="per_layer,token_major")
-    parser.add_argument("--contexts", default="512,1024,2048,4096,8192,16384,32768,65536",
+    parser.add_argument("--contexts", type=common.positive_ints,
+                        default="512,1024,2048,4096,8192,16384,32768,65536",
                         help="case a")
-    parser.add_argument("--batches", default="1,2,4,8,16,32", help="case b")
-    parser.add_argument("--paged-blocks", default="16,128")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--batches", type=common.positive_ints, default="1,2,4,8,16,32",
+                        help="case b")
+    parser.add_argument("--paged-blocks", type=common.positive_ints, default="16,128")
+    parser.add_argument("--repeats", type=common.positive_int, default=50)
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--plot", default=None, help="PNG prefix: PREFIX-<case>.png")
 
@@ -237,10 +239,7 @@ def plot(prefix: str, rows: list[dict[str, Any]], bandwidth: float, floor: float
     """PREFIX-a.png: time against context (case a); PREFIX-b.png: read rate against batch,
     equal and unequal lengths side by side (case b). A colour per kernel, a line style
     per layout."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
     colours = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kernels)}
@@ -273,5 +272,5 @@ def plot(prefix: str, rows: list[dict[str, Any]], bandwidth: float, floor: float
             ax.set_title(f"case {case}, {lengths} lengths")
             ax.legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(f"{prefix}-{case}.png", dpi=120)
+        common.save_figure(fig, f"{prefix}-{case}.png")
         plt.close(fig)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vattn.bench import common
+from vattn.config import resolve_device
 from vattn.errors import InvalidArgument, VattnError
 
 if TYPE_CHECKING:
@@ -37,15 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
     parser.add_argument("--models", default=None,
                         help=f"of {MODEL_NAMES}; default yi-6b,llama-3-8b (tiny on a CPU)")
-    parser.add_argument("--batches", default=None, help="default 1,2,4,8,16,32 (1,2 on a CPU)")
-    parser.add_argument("--context", type=int, default=None, help="default 16384 (256)")
-    parser.add_argument("--steps", type=int, default=None, help="default 256 (8)")
+    parser.add_argument("--batches", type=common.positive_ints, default=None,
+                        help="default 1,2,4,8,16,32 (1,2 on a CPU)")
+    parser.add_argument("--context", type=common.positive_int, default=None,
+                        help="default 16384 (256)")
+    parser.add_argument("--steps", type=common.positive_int, default=None, help="default 256 (8)")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--layout", choices=("per_layer", "token_major"), default="per_layer",
                         help="the vattn backend's layout; per_layer gives the kernels the "
                              "static backend's strides (token_major: every layer's K of a "
                              "token together, a larger token stride)")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=common.positive_int, default=1,
                         help="rounds of every backend, interleaved; tokens/s is the median "
                              "and 'spread' (max - min) / median is the noise band")
     parser.add_argument("--no-graph", action="store_true", help="eager steps on a GPU too")
@@ -159,7 +162,7 @@ def hf_static(shape: Shape, batch: int, context: int, steps: int,
 
 
 def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> int:
-    dev = torch.device(device)
+    dev = resolve_device(device)
     cpu = dev.type == "cpu"
     args.models = args.models or ("tiny" if cpu else "yi-6b,llama-3-8b")
     args.batches = args.batches or ("1,2" if cpu else "1,2,4,8,16,32")
@@ -267,10 +270,7 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 
 def plot(path: str, rows: list[dict[str, Any]]) -> None:
     """Tokens/s against batch, a line a backend, a panel a model (like Fig. 9a)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
@@ -286,5 +286,5 @@ def plot(path: str, rows: list[dict[str, Any]]) -> None:
         ax.set_title(f"{model}, context {mine[0]['context'] if mine else '?'}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path)
     plt.close(fig)

@@ -276,10 +276,7 @@ def summarize(layout: str, case: Case, mode: str, r: dict[str, Any],
 
 
 def plot(path: str, series: dict[str, list[float]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(10, 4))
     for label, times in series.items():
@@ -290,7 +287,7 @@ def plot(path: str, series: dict[str, list[float]], title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -298,9 +295,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda[:N]")
     parser.add_argument("--cases", default="a,b", help="comma-separated: a, b")
     parser.add_argument("--layouts", default="per_layer,token_major")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--iterations", type=int, default=None, help="override per case")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--layers", type=common.positive_int, default=32)
+    parser.add_argument("--iterations", type=common.positive_int, default=None,
+                        help="override per case")
+    parser.add_argument("--rounds", type=common.positive_int, default=2,
                         help="runs of every mode, interleaved; percentiles pool them")
     parser.add_argument("--interleave", type=int, default=0, metavar="N",
                         help="keep every mode's cache alive and let the modes take turns N "

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="8,32,64", help="decode requests")
     parser.add_argument("--contexts", default="4096,16384", help="decode context")
     parser.add_argument("--policy", choices=POLICIES, default="50:50")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=common.positive_int, default=20)
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--plot", default=None, help="PNG: heat map of POD's speedups")
 
@@ -248,10 +248,7 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
 def plot(path: str, rows: list[dict[str, Any]]) -> None:
     """Two heat maps (over back-to-back, over two streams): a row per (chunk, prefix), a
     column per (decode batch, context)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     ys = list(dict.fromkeys((r["chunk"], r["prefix"]) for r in rows))
     xs = list(dict.fromkeys((r["decode batch"], r["context"]) for r in rows))
@@ -272,5 +269,5 @@ def plot(path: str, rows: list[dict[str, Any]]) -> None:
         ax.set_title(f"POD speedup {key}")
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path)
     plt.close(fig)
