@@ -38,25 +38,14 @@ TILES = (16, 32, 64, 128, 256, 512)
 
 
 @triton.jit
-def _read_kernel(k_ptr, v_ptr, out_ptr, tokens, stride_l,  # type: ignore[no-untyped-def]
-                 ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _read_kernel(k_ptr, v_ptr, out_ptr, tokens, lens_ptr, stride_l,  # type: ignore[no-untyped-def]
+                 ROW: tl.constexpr, BLOCK: tl.constexpr, LOADED: tl.constexpr):
     """Sum tokens ``[pid * BLOCK, (pid + 1) * BLOCK)`` of K and V (ROW elements a token,
-    contiguous) into one float: every byte is read once, nothing is computed on it."""
+    contiguous) into one float: every byte is read once, nothing is computed on it.
+    `LOADED`: the length is ``lens[0]``, loaded first (the K/V loads wait for it)."""
     pid = tl.program_id(0)
-    pos = pid * BLOCK + tl.arange(0, BLOCK)
-    offs = pos.to(tl.int64)[:, None] * stride_l + tl.arange(0, ROW)[None, :]
-    mask = (pos < tokens)[:, None]
-    k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid, tl.sum(tl.sum(k + v, 1), 0))
-
-
-@triton.jit
-def _read_after_length_kernel(k_ptr, v_ptr, out_ptr, lens_ptr,  # type: ignore[no-untyped-def]
-                              stride_l, ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """`_read_kernel` over ``[0, lens[0])``: the loads wait for the length's."""
-    pid = tl.program_id(0)
-    tokens = tl.load(lens_ptr)
+    if LOADED:
+        tokens = tl.load(lens_ptr)
     pos = pid * BLOCK + tl.arange(0, BLOCK)
     offs = pos.to(tl.int64)[:, None] * stride_l + tl.arange(0, ROW)[None, :]
     mask = (pos < tokens)[:, None]
@@ -79,13 +68,9 @@ def read_call(k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, tokens: int,
     leaves the sum in ``out[-1]``."""
     grid = (triton.cdiv(tokens, block),)
     warps = 4 if block <= 128 else 8
-    if lens is None:
-        _read_kernel[grid](k, v, out, tokens, k.stride(1), ROW=k.shape[2] * k.shape[3],
-                           BLOCK=block, num_warps=warps)
-    else:
-        _read_after_length_kernel[grid](k, v, out, lens, k.stride(1),
-                                        ROW=k.shape[2] * k.shape[3], BLOCK=block,
-                                        num_warps=warps)
+    _read_kernel[grid](k, v, out, tokens, lens if lens is not None else out, k.stride(1),
+                       ROW=k.shape[2] * k.shape[3], BLOCK=block, LOADED=lens is not None,
+                       num_warps=warps)
     if merge:
         _sum_kernel[(1,)](out, out[-1:], grid[0],
                           BLOCK=max(16, triton.next_power_of_2(grid[0])), num_warps=4)
