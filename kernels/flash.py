@@ -71,8 +71,12 @@ def flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q: ``[B, Lq, Hq, D]`` bf16/fp16 (fp32 too with ``sdpa``), last dim contiguous.
         k_cache, v_cache: ``[num_slots, Lmax, Hkv, D]`` views (``VirtualKVCache.kv``),
             the chunk's own K/V already appended.
-        cache_seqlens: ``[B]`` int32, tokens of each request including the chunk.
-        slots: ``[B]`` int, the slot of each row (default row ``b`` is slot ``b``).
+        cache_seqlens: ``[B]`` int32, tokens of each request including the chunk, at
+            most ``Lmax``.
+        slots: ``[B]`` int, the slot of each row (default row ``b`` is slot ``b``), in
+            ``[0, num_slots)``. Lengths and slots stay on the device (a CUDA graph can
+            capture the call), so the FlashAttention backends take them as given, as
+            FlashAttention does; the SDPA backend reads them and refuses bad ones.
         causal: mask future tokens, the chunk aligned to the end of the cache.
         softmax_scale: default ``D ** -0.5``.
         backend: force one of `available_backends` (default: the best).
@@ -170,7 +174,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
     """One request at a time (the lengths are read on the host)."""
     num_q = q.shape[1]
     out = torch.empty_like(q)
+    num_slots, lmax = k.shape[:2]
     for row, (slot, n) in enumerate(zip(slots.tolist(), lens.tolist(), strict=True)):
+        if not 0 <= slot < num_slots or n > lmax:
+            raise InvalidArgument(f"row {row}: slot {slot} and cache_seqlens {n} must be in "
+                                  f"[0, {num_slots}) and at most Lmax {lmax}")
         if n < num_q:
             raise InvalidArgument(f"row {row}: cache_seqlens {n} < the chunk's {num_q} "
                                   f"queries")

@@ -77,6 +77,10 @@ def test_bad_input_is_refused() -> None:
         flash_attention(q, k[:, :32], k[:, :32], torch.tensor([9], dtype=torch.int32))
     with pytest.raises(InvalidArgument, match="cache_seqlens 2 < the chunk's 3 queries"):
         flash_attention(q, k, k, torch.tensor([2], dtype=torch.int32))
+    for slot, length in ((-1, 9), (2, 9), (0, 65)):     # SDPA reads them on the host
+        with pytest.raises(InvalidArgument, match=r"must be in \[0, 2\) and at most Lmax 64"):
+            flash_attention(q, k, k, torch.tensor([length], dtype=torch.int32),
+                            torch.tensor([slot], dtype=torch.int32))
 
 
 @pytest.mark.gpu
