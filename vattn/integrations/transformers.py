@@ -239,6 +239,8 @@ class VAttentionCache(Cache):
         rows permutes their slots (no data moves); otherwise the rows that take another
         row's K/V get a copy of its tokens in their own slots, in every layer."""
         order = [int(i) for i in beam_idx.tolist()]
+        if not self.rows:           # nothing written yet, as transformers' own layers
+            return
         if len(order) != len(self.rows) or not all(0 <= i < len(self.rows) for i in order):
             raise InvalidArgument(f"beam_idx must name one of the {len(self.rows)} rows for "
                                   f"each row, got {order}")
