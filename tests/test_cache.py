@@ -151,6 +151,7 @@ BAD_CONSTRUCTION = [
     ({"page_size_bytes": PAGE + 1}, "granularity"),
     ({"memory_limit": 10}, "memory_limit"),
     ({"read_slack": -1}, "read_slack"),
+    ({"pending_timeout_s": -1.0}, "pending_timeout_s"),
 ]
 
 
@@ -158,6 +159,11 @@ BAD_CONSTRUCTION = [
 def test_bad_construction_is_invalid_argument(overrides: dict, word: str) -> None:
     with pytest.raises(vattn.InvalidArgument, match=word):
         small_cache(**overrides)
+
+
+def test_pending_timeout_is_a_constructor_argument() -> None:
+    with small_cache(pending_timeout_s=0.5) as cache:
+        assert cache.config.pending_timeout_s == 0.5
 
 
 def test_cuda_device_without_gpu_is_invalid_argument() -> None:

@@ -66,11 +66,13 @@ class VirtualKVCache:
                  page_size_bytes: int = 2 << 20, memory_limit: int | None = None,
                  read_slack: int = 256, lookahead_tokens: int | None = None,
                  lookahead_pages_per_step: int = 64, debug_fill_nan: bool = False,
-                 streams: list[torch.cuda.Stream] | None = None) -> None:
+                 streams: list[torch.cuda.Stream] | None = None,
+                 pending_timeout_s: float = 5.0) -> None:
         self.config = CacheConfig(num_layers, num_kv_heads, head_dim, dtype, max_batch_size,
                                   max_context_len, resolve_device(device), layout,
                                   page_size_bytes, memory_limit, read_slack, lookahead_tokens,
-                                  lookahead_pages_per_step, debug_fill_nan)
+                                  lookahead_pages_per_step, debug_fill_nan,
+                                  pending_timeout_s)
         self.layout = self.config.make_layout()
         self.max_context_len = self.layout.max_context_len
         self.device = self.config.device
