@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from vattn.errors import InvalidArgument
-from vattn.kernels.decode import require_runnable
+from vattn.kernels.decode import check_index, require_runnable
 
 
 @triton.jit
@@ -109,12 +109,7 @@ def _check(k: torch.Tensor, v: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
         raise InvalidArgument("caches and new K/V need a contiguous last dim")
     index: list[tuple[str, torch.Tensor | None]] = [
         ("positions", positions), ("slots", slots), ("counts", counts)]
-    for name, ints in index:
-        if ints is not None and (ints.shape != (k_new.shape[0],) or not ints.is_contiguous()
-                                 or ints.dtype not in (torch.int32, torch.int64)):
-            raise InvalidArgument(f"{name} must be a contiguous [{k_new.shape[0]}] "
-                                  f"int32/int64 tensor, got {tuple(ints.shape)} {ints.dtype} "
-                                  f"with strides {ints.stride()}")
+    check_index(index, k_new.shape[0])
     for name, tensor in [("v_cache", v), ("k_new", k_new), ("v_new", v_new), *index]:
         if tensor is not None and tensor.device != k.device:
             raise InvalidArgument(f"{name} is on {tensor.device}, k_cache on {k.device}")

@@ -757,13 +757,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     `decode_attention`."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
-    if out is None:
-        out = torch.empty_like(q)
-    elif (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
-          or out.device != q.device):
-        raise InvalidArgument(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a "
-                              f"contiguous last dim, got {tuple(out.shape)} {out.dtype} on "
-                              f"{out.device}")
+    out = check_output(out, q, "out")
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise InvalidArgument(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if batch == 0:
@@ -822,6 +816,30 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     return out
 
 
+def check_index(index: list[tuple[str, torch.Tensor | None]], batch: int) -> None:
+    """Each named per-row tensor (None: absent) is a contiguous ``[batch]`` int32/int64
+    tensor: the kernels read row ``b``'s value at ``ptr + b``."""
+    for name, ints in index:
+        if ints is not None and (ints.shape != (batch,) or not ints.is_contiguous()
+                                 or ints.dtype not in (torch.int32, torch.int64)):
+            raise InvalidArgument(f"{name} must be a contiguous [{batch}] int32/int64 "
+                                  f"tensor, got {tuple(ints.shape)} {ints.dtype} with "
+                                  f"strides {ints.stride()}")
+
+
+def check_output(out: torch.Tensor | None, q: torch.Tensor, name: str) -> torch.Tensor:
+    """`out` (allocated like `q` if None), checked to be like `q`: shape, dtype, device
+    and a contiguous last dim."""
+    if out is None:
+        return torch.empty_like(q)
+    if (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
+            or out.device != q.device):
+        raise InvalidArgument(f"{name} must be {tuple(q.shape)} {q.dtype} on {q.device} "
+                              f"with a contiguous last dim, got {tuple(out.shape)} "
+                              f"{out.dtype} on {out.device}")
+    return out
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
                  slots: torch.Tensor | None, starts: torch.Tensor | None,
                  workspace: torch.Tensor | None = None) -> None:
@@ -846,12 +864,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.
                               f"({k.shape[2]})")
     index: list[tuple[str, torch.Tensor | None]] = [
         ("cache_seqlens", lens), ("slots", slots), ("starts", starts)]
-    for name, ints in index:
-        if ints is not None and (ints.shape != (batch,) or not ints.is_contiguous()
-                                 or ints.dtype not in (torch.int32, torch.int64)):
-            raise InvalidArgument(f"{name} must be a contiguous [{batch}] int32/int64 "
-                                  f"tensor, got {tuple(ints.shape)} {ints.dtype} with "
-                                  f"strides {ints.stride()}")
+    check_index(index, batch)
     for name, tensor in [("k_cache", k), ("v_cache", v), *index, ("workspace", workspace)]:
         if tensor is not None and tensor.device != q.device:
             raise InvalidArgument(f"{name} is on {tensor.device}, q on {q.device}")

@@ -53,6 +53,8 @@ from vattn.kernels.decode import (
     _clamp,
     _interpreted,
     _sm_count,
+    check_index,
+    check_output,
     fold_partial,
     require_runnable,
 )
@@ -541,8 +543,8 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         raise InvalidArgument(f"trace must be a contiguous int64 [{num_prefill + num_decode},"
                               f" 5] tensor on {q_decode.device}, got {tuple(trace.shape)} "
                               f"{trace.dtype} on {trace.device}")
-    out_prefill = _out(out_prefill, q_prefill, "out_prefill")
-    out_decode = _out(out_decode, q_decode, "out_decode")
+    out_prefill = check_output(out_prefill, q_prefill, "out_prefill")
+    out_decode = check_output(out_decode, q_decode, "out_decode")
     if chunk == 0 and batch == 0:
         return out_prefill, out_decode
     if max(k_cache.stride(1), v_cache.stride(1)) * tiling.block_n >= 2**31:
@@ -642,17 +644,6 @@ def pod_units(chunk: int, num_heads: int, batch: int, num_kv_heads: int,
             batch * num_kv_heads * triton.cdiv(max_decode_len, tiling.split))
 
 
-def _out(out: torch.Tensor | None, q: torch.Tensor, name: str) -> torch.Tensor:
-    if out is None:
-        return torch.empty_like(q)
-    if (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
-            or out.device != q.device):
-        raise InvalidArgument(f"{name} must be {tuple(q.shape)} {q.dtype} on {q.device} "
-                              f"with a contiguous last dim, got {tuple(out.shape)} "
-                              f"{out.dtype} on {out.device}")
-    return out
-
-
 def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            slot: int, prefix: int, lens: torch.Tensor, slots: torch.Tensor | None,
            policy: str) -> tuple[int, int, int]:
@@ -685,12 +676,7 @@ def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch = qd.shape[0]
     index: list[tuple[str, torch.Tensor | None]] = [("decode_seqlens", lens),
                                                     ("decode_slots", slots)]
-    for name, ints in index:
-        if ints is not None and (ints.shape != (batch,) or not ints.is_contiguous()
-                                 or ints.dtype not in (torch.int32, torch.int64)):
-            raise InvalidArgument(f"{name} must be a contiguous [{batch}] int32/int64 "
-                                  f"tensor, got {tuple(ints.shape)} {ints.dtype} with "
-                                  f"strides {ints.stride()}")
+    check_index(index, batch)
     if slots is None and batch > num_slots:
         raise InvalidArgument(f"{batch} decodes read slots 0..{batch - 1} (no decode_slots "
                               f"given), but the cache has {num_slots}")
