@@ -79,7 +79,9 @@ def flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             FlashAttention does; the SDPA backend reads them and refuses bad ones.
         causal: mask future tokens, the chunk aligned to the end of the cache.
         softmax_scale: default ``D ** -0.5``.
-        backend: force one of `available_backends` (default: the best).
+        backend: force one of `available_backends` (default: the best one that takes
+            the problem: the FlashAttention builds need bf16/fp16 and a head dim that
+            is a multiple of 8 up to 256, SDPA takes the rest).
 
     Example::
 
@@ -89,12 +91,18 @@ def flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     _check(q, k_cache, v_cache, cache_seqlens, slots)
     usable = available_backends(q.device)
-    chosen = backend or usable[0]
-    if chosen not in usable:
-        raise InvalidArgument(f"backend {chosen!r} is not available on {q.device}; "
+    if backend is None:     # the best one that takes this problem; SDPA takes any
+        chosen = next(b for b in usable if _refusal(b, q) is None)
+    elif backend not in usable:
+        raise InvalidArgument(f"backend {backend!r} is not available on {q.device}; "
                               f"available: {usable}")
-    if chosen != "sdpa" and q.dtype not in (torch.float16, torch.bfloat16):
-        raise InvalidArgument(f"{chosen} needs bf16 or fp16, got {q.dtype}")
+    else:
+        chosen = backend
+        reason = _refusal(chosen, q)
+        if reason is not None:
+            raise InvalidArgument(f"backend {chosen!r} {reason}")
+    if q.numel() == 0:      # no rows or no queries: nothing to read
+        return FlashResult(torch.empty_like(q), chosen)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     if slots is None:
         slots = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
@@ -103,6 +111,19 @@ def flash_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         "torch-fa2": _torch_fa2, "sdpa": _sdpa}[chosen]
     return FlashResult(run(q, k_cache, v_cache, cache_seqlens, slots, causal, scale, chosen),
                        chosen)
+
+
+def _refusal(backend: Backend, q: torch.Tensor) -> str | None:
+    """Why `backend` cannot take `q`, or None: the FlashAttention builds take bf16/fp16
+    and head dims that are multiples of 8 up to 256."""
+    if backend == "sdpa":
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs bf16 or fp16, got {q.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim > 256 or head_dim % 8:
+        return f"needs a head dim that is a multiple of 8 up to 256, got {head_dim}"
+    return None
 
 
 def _kvcache_fn(module: str) -> Callable[..., Any] | None:

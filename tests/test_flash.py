@@ -120,3 +120,32 @@ def test_a_bad_fa3_library_path_means_no_fa3(monkeypatch: pytest.MonkeyPatch) ->
         assert flash._vllm_fa3() is None
     finally:
         flash._vllm_fa3.cache_clear()
+
+
+def test_an_empty_batch_or_chunk_gives_an_empty_output() -> None:
+    k = torch.randn(2, 64, HKV, D, device=DEVICE).to(torch.bfloat16)
+    for batch, num_q in ((0, 1), (2, 0)):
+        q = torch.randn(batch, num_q, 4 * HKV, D, device=DEVICE).to(torch.bfloat16)
+        lengths = torch.full((batch,), 9, dtype=torch.int32, device=DEVICE)
+        result = flash_attention(q, k, k, lengths)
+        assert result.out.shape == q.shape and result.backend == best_backend()
+
+
+@pytest.mark.gpu
+def test_what_flashattention_cannot_take_falls_back_to_sdpa() -> None:
+    # A head dim past 256, and float32: the default is SDPA; forcing a FlashAttention
+    # build is refused with the reason.
+    fa = [b for b in available_backends(torch.device(DEVICE)) if b != "sdpa"]
+    if not fa:
+        pytest.skip("no FlashAttention backend on this GPU")
+    for head_dim, dtype in ((320, torch.bfloat16), (D, torch.float32)):
+        k = torch.randn(2, 64, HKV, head_dim, device=DEVICE).to(dtype)
+        v = torch.randn_like(k)
+        q = torch.randn(2, 3, 4 * HKV, head_dim, device=DEVICE).to(dtype)
+        result = flash_attention(q, k, v, _ints([40, 64]), _ints([1, 0]))
+        assert result.backend == "sdpa"
+        ref = reference(q, k, v, [40, 64], [1, 0], True)
+        err = ((result.out.float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2
+        with pytest.raises(InvalidArgument, match=f"backend '{fa[0]}' needs"):
+            flash_attention(q, k, v, _ints([40, 64]), _ints([1, 0]), backend=fa[0])
