@@ -30,6 +30,7 @@ from vattn.bench.decode import Workload, layers_for_cold_l2
 from vattn.kernels.decode import (
     Tiling,
     _sm_count,
+    _split_kernel,
     check_inputs,
     default_tiling,
     launch,
@@ -72,14 +73,17 @@ def tilings(grid: str) -> list[Tiling]:
     `tiling_for` picks for small launches, A B ... B A; ``merge``: the default, and the
     default with 32 partials a merge program loads at once (the old merge), each with
     the merge where `merges_in_launch` puts it and in a second launch, A B B A;
-    ``d256``: head dim 256's default at one program an SM and at two (which its
-    registers do not fit: a second wave), A B B A; ``quick``: the default only."""
+    ``d256``: head dim 256's default (8 warps, runs for two programs an SM, of which
+    its registers fit one: two waves), the same at one program an SM (one wave), and
+    three 4-warp tilings that fit two, A B C D E E D C B A; ``quick``: the default
+    only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "d256":
-        one = default_tiling(256)
-        two = dataclasses.replace(one, programs_per_sm=2)
-        return [one, two, two, one]
+        near = [default_tiling(256), dataclasses.replace(default_tiling(256), programs_per_sm=1)]
+        near += [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=2)
+                 for n, s in ((32, 2), (32, 3), (64, 2))]
+        return near + near[::-1]
     if grid == "tile":
         tiles = [dataclasses.replace(default_tiling(128), block_n=n) for n in (128, 64, 32, 16)]
         return tiles + tiles[::-1]
@@ -193,7 +197,10 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
         (t, workspace) for t in configs if workspace_too and t.fused_reduction is not False]
     rows = []
     for tiling, space in runs:
+        compiled = common.compiled_footprints(_split_kernel)
         got = call(0, tiling, space).float()
+        footprint = "; ".join(v for k, v in common.compiled_footprints(_split_kernel).items()
+                              if k not in compiled)
         error = ((got - expected).norm() / expected.norm()).item()
         if not error < 1e-2:
             raise AssertionError(f"{name} {tiling}: relative error {error} against default")
@@ -206,7 +213,8 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
                      "layout": "token_major" if token_major else "plain",
                      "tiling": _name(tiling) + (" workspace" if space is not None else ""),
                      "us": round(seconds * 1e6, 1),
-                     "TB/s": round(kv_bytes / seconds / 1e12, 2)})
+                     "TB/s": round(kv_bytes / seconds / 1e12, 2),
+                     "compiled": footprint or "before"})
     return rows
 
 

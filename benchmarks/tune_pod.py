@@ -21,7 +21,7 @@ import triton
 
 from vattn.bench import common
 from vattn.bench.pod import Cell
-from vattn.kernels.pod import PodTiling, pod_attention
+from vattn.kernels.pod import PodTiling, _pod_kernel, pod_attention
 
 # (chunk, prefix, decode batch, context): prefill-heavy, balanced, decode-heavy
 CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
@@ -63,20 +63,6 @@ def _name(t: PodTiling) -> str:
             + (f" r{t.max_registers}" if t.max_registers else ""))
 
 
-def _footprints() -> dict[int, str]:
-    """Registers, spills and shared memory of every compiled `_pod_kernel` variant, by
-    id (Triton's per-device cache; best effort: its layout is not a stable API)."""
-    from vattn.kernels.pod import _pod_kernel
-
-    found = {}
-    for cache in getattr(_pod_kernel, "device_caches", {}).values():
-        for kernel in cache[0].values():
-            meta = kernel.metadata
-            found[id(kernel)] = (f"{kernel.n_regs} registers, {kernel.n_spills} spilled, "
-                                 f"{meta.shared} B shared")
-    return found
-
-
 def _graph_us(fn: Any, repeats: int) -> float:
     return round(common.median(common.graph_times([fn], repeats)) * 1e6, 1)
 
@@ -92,7 +78,7 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
         cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens, cell.slots))
     rows = []
     for tiling in configs:
-        compiled = _footprints()
+        compiled = common.compiled_footprints(_pod_kernel)
         try:
             got_p, got_d = pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix,
                                          cell.lens, cell.slots, tiling=tiling,
@@ -113,7 +99,8 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
             return pod_attention(cell.qp[:0], cell.qd, cell.k, cell.v, 0, 0, cell.lens,
                                  cell.slots, tiling=t, max_decode_len=context)
 
-        footprint = "; ".join(v for k, v in _footprints().items() if k not in compiled)
+        footprint = "; ".join(v for k, v in common.compiled_footprints(_pod_kernel).items()
+                              if k not in compiled)
         print(f"{base['cell']} {_name(tiling)}: {footprint or 'compiled before'}", flush=True)
         t_p, t_d = _graph_us(prefill, repeats), _graph_us(decode, repeats)
         for named in policies:     # "partitioned:0.4": that share of SMs decode first

@@ -586,9 +586,9 @@ def test_a_plain_call_launches_with_the_tiling_of_its_shape(
 def test_each_decode_tiling_fits_its_programs_an_sm_on_hopper(
         name: str, sm90_footprints: dict[str, dict[str, object]]) -> None:
     """Compiled ahead of time for sm_90, every tiling the decode launches take (the
-    three of `tiling_for`, the paged twin's) fits as many programs on an SM as its
-    grid puts there: a footprint that grew past it would halve the programs in flight
-    with no error anywhere."""
+    three of `tiling_for`, the paged twin's, head dim 256's) fits as many programs on
+    an SM as its grid puts there at once: a footprint that grew past it would halve the
+    programs in flight with no error anywhere."""
     used = sm90_footprints[name]
     assert used["fit"] >= used["programs_per_sm"], used
 

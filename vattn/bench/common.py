@@ -163,6 +163,18 @@ def graph_times(fns: Sequence[Callable[[], object]], repeats: int) -> list[float
     return [s.elapsed_time(e) / 1e3 / len(fns) for s, e in zip(starts, ends, strict=True)]
 
 
+def compiled_footprints(kernel: Any) -> dict[int, str]:
+    """Registers, spills and shared memory of every variant of the Triton `kernel`
+    compiled so far, by id (Triton's per-device cache; best effort: its layout is not a
+    stable API). Diff two calls to name what a launch compiled."""
+    found = {}
+    for cache in getattr(kernel, "device_caches", {}).values():
+        for compiled in cache[0].values():
+            found[id(compiled)] = (f"{compiled.n_regs} registers, {compiled.n_spills} "
+                                   f"spilled, {compiled.metadata.shared} B shared")
+    return found
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
