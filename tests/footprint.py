@@ -35,9 +35,9 @@ REGISTERS_PER_SM = 65536
 
 def _compile(fn: triton.JITFunction, const: dict[str, object], descriptors: dict[str, str],
              num_warps: int, num_stages: int) -> dict[str, object]:
-    """Shared memory (bytes), registers per thread and whether bulk tensor copies are
-    in the code of `fn` compiled for sm_90; pointers and strides 16-divisible, as the
-    launches specialize them."""
+    """Shared memory (bytes), registers per thread, stack bytes per thread (where spilled
+    registers go) and whether bulk tensor copies are in the code of `fn` compiled for
+    sm_90; pointers and strides 16-divisible, as the launches specialize them."""
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -58,7 +58,8 @@ def _compile(fn: triton.JITFunction, const: dict[str, object], descriptors: dict
         usage = subprocess.run([tool, "--dump-resource-usage", cubin.name],
                                capture_output=True, text=True, check=True).stdout
     registers = int(usage.split("REG:")[1].split()[0])
-    return {"shared": kernel.metadata.shared, "registers": registers,
+    stack = int(usage.split("STACK:")[1].split()[0])       # spilled registers live here
+    return {"shared": kernel.metadata.shared, "registers": registers, "stack": stack,
             "threads": 32 * num_warps,
             "bulk copies": "cp.async.bulk.tensor" in kernel.asm["ptx"]}
 

@@ -490,6 +490,32 @@ def test_both_reductions_overwrite_every_row_of_out_twice(merge: str, loop: str)
             assert torch.equal(out[4], torch.zeros_like(out[4]))   # start past the length
 
 
+@pytest.mark.parametrize("loop", ["a loop per request", "flat"])
+def test_the_merge_in_the_launch_folds_many_partials(loop: str) -> None:
+    # One launch in which the last run of a row to arrive merges its partials: a row
+    # over 100 runs, with its largest scores in the last of them, so that the running
+    # sums of the merge are rescaled as it goes.
+    from vattn.kernels import Tiling
+    from vattn.kernels.decode import launch
+
+    tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1,
+                    fused_reduction=True, flat=loop == "flat")
+    lmax, group = 1700, 8
+    k = torch.randn(2, lmax, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, group * HKV, D, device=DEVICE).to(torch.float16)
+    k[0, 1500:1510] = (q[0, ::group] * 3).to(k.dtype)     # late keys that score high
+    lengths, slots = [1600, 23], [0, 1]
+    ref = reference(q, k, v, lengths, slots, [0, 0], D ** -0.5)
+    workspace = torch.zeros(2 * HKV, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    launch(q, k, v, _ints(lengths), _ints(slots), None, None, 0, 2, lmax, None, out, 100,
+           tiling, workspace)
+    assert not workspace.any()
+    assert not torch.isnan(out).any()
+    assert relative_error(out, ref) < 1e-2
+
+
 def test_a_bad_run_count_is_refused() -> None:
     k = torch.randn(2, 32, HKV, D, device=DEVICE).to(torch.float16)
     q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
@@ -588,9 +614,11 @@ def test_each_decode_tiling_fits_its_programs_an_sm_on_hopper(
     """Compiled ahead of time for sm_90, every tiling the decode launches take (the
     three of `tiling_for`, the paged twin's, head dim 256's) fits as many programs on
     an SM as its grid puts there at once: a footprint that grew past it would halve the
-    programs in flight with no error anywhere."""
+    programs in flight with no error anywhere. Nor does any spill registers to the
+    stack: a slowdown with no error either."""
     used = sm90_footprints[name]
     assert used["fit"] >= used["programs_per_sm"], used
+    assert used["stack"] == 0, used
 
 
 def test_tiling_is_validated_and_sets_the_run_count() -> None:
