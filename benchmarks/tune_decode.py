@@ -73,16 +73,17 @@ def tilings(grid: str) -> list[Tiling]:
     `tiling_for` picks for small launches, A B ... B A; ``merge``: the default, and the
     default with 32 partials a merge program loads at once (the old merge), each with
     the merge where `merges_in_launch` puts it and in a second launch, A B B A;
-    ``d256``: head dim 256's default (8 warps, runs for two programs an SM, of which
-    its registers fit one: two waves), the same at one program an SM (one wave), and
-    three 4-warp tilings that fit two, A B C D E E D C B A; ``quick``: the default
-    only."""
+    ``d256``: head dim 256's default (4 warps, two programs an SM), the 8-warp tiling
+    it replaced (one program an SM, whose registers fit only one) and the same with
+    runs for two (two waves), and two more 4-warp tilings, A B C D E E D C B A;
+    ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
     if grid == "d256":
-        near = [default_tiling(256), dataclasses.replace(default_tiling(256), programs_per_sm=1)]
-        near += [Tiling(block_n=n, num_warps=4, num_stages=s, programs_per_sm=2)
-                 for n, s in ((32, 2), (32, 3), (64, 2))]
+        eight = Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=1)
+        near = [default_tiling(256), eight, dataclasses.replace(eight, programs_per_sm=2)]
+        near += [Tiling(block_n=n, num_warps=4, num_stages=2, programs_per_sm=2)
+                 for n in (32, 64)]
         return near + near[::-1]
     if grid == "tile":
         tiles = [dataclasses.replace(default_tiling(128), block_n=n) for n in (128, 64, 32, 16)]

@@ -592,8 +592,7 @@ class Tiling:
     num_stages: int
     """Software-pipelining depth of the tile loop."""
     programs_per_sm: int
-    """Split programs in all per SM: sets the run count. Runs for more programs than
-    fit on an SM at once make more than one wave (head dim 256's default)."""
+    """Split programs in all per SM (the runs of one wave): sets the run count."""
     min_blocks_per_run: int = 1
     """Fewer runs where a run would get fewer tiles than this with every request at
     ``Lmax`` (a program's fixed cost dominates short runs)."""
@@ -642,15 +641,16 @@ def default_tiling(head_dim: int) -> Tiling:
     shape swept, on plain tensors, and within 0-7% on a `token_major` cache, where
     64-token tiles at two programs per SM gain 2-6% on some shapes of batch 1-16 and
     lose 12-29% at batch 32 and at batch 1 with 2 KV heads. Head dim 256: 32-token
-    tiles, 8 warps, 2 stages, and runs for two programs an SM. Its 8 warps need about
-    150 registers a thread (sm_90, compiled ahead of time by `tests/footprint.py`), so
-    one program fits on an SM by that count and the grid is two waves of them; on an
-    H200 that was faster than one wave of runs twice as long (docs/benchmarks.md,
-    "Head dim 256"). Launches with few tiles take shorter ones (`tiling_for`)."""
+    tiles, 4 warps, 3 stages, two programs an SM: of five tilings timed on an H100
+    (`tune_decode.py --grid d256`, docs/benchmarks.md) the fastest or within 0.3% of
+    it, and 1.32x / 1.42x / 1.39x faster than the 8-warp tiling at one program an SM
+    it replaces (batch 1 with 16 / 2 heads; batch 8 with 32 / 8 heads, equal and
+    unequal lengths; 16K tokens). Launches with few tiles take shorter ones
+    (`tiling_for`)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
         return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
-    return Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=2)
+    return Tiling(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)
 
 
 @functools.cache     # on every launch's host path: built once per shape

@@ -102,23 +102,20 @@ def pod_footprint(tma: bool, shift: bool = False) -> dict[str, object]:
     return _compile(_pod_kernel, const, descriptors, t.num_warps, t.num_stages)
 
 
-def decode_tilings() -> dict[str, tuple[Tiling, int, int, int]]:
+def decode_tilings() -> dict[str, tuple[Tiling, int, int]]:
     """The tilings the decode launches take (`tiling_for`'s three tile sizes, the paged
-    twin's at both block sizes, head dim 256's), with the KV block size, head dim and
-    the waves its grid is meant to run in (head dim 256: its runs are for two programs
-    an SM, of which one fits, `default_tiling`)."""
+    twin's at both block sizes, head dim 256's), with the KV block size and head dim
+    of each."""
     base = default_tiling(128)
-    return {"n128": (base, 0, 128, 1), "n64": (dataclasses.replace(base, block_n=64), 0, 128, 1),
-            "n32": (dataclasses.replace(base, block_n=32), 0, 128, 1),
-            "paged-16": (paged_tiling(128), 16, 128, 1),
-            "paged-128": (paged_tiling(128), 128, 128, 1),
-            "d256": (default_tiling(256), 0, 256, 2)}
+    return {"n128": (base, 0, 128), "n64": (dataclasses.replace(base, block_n=64), 0, 128),
+            "n32": (dataclasses.replace(base, block_n=32), 0, 128),
+            "paged-16": (paged_tiling(128), 16, 128),
+            "paged-128": (paged_tiling(128), 128, 128), "d256": (default_tiling(256), 0, 256)}
 
 
-def _placed(used: dict[str, object], programs_per_sm: int, waves: int = 1) -> dict[str, object]:
-    """A footprint with the programs an SM at once that its grid expects (its programs
-    an SM over its waves) and those that fit."""
-    return {**used, "programs_per_sm": -(-programs_per_sm // waves), "fit": programs_that_fit(used)}
+def _placed(used: dict[str, object], programs_per_sm: int) -> dict[str, object]:
+    """A footprint with the programs an SM its grid expects and those that fit."""
+    return {**used, "programs_per_sm": programs_per_sm, "fit": programs_that_fit(used)}
 
 
 if __name__ == "__main__":
@@ -126,6 +123,6 @@ if __name__ == "__main__":
     found = {f"pod tma={tma}": _placed(pod_footprint(tma), 2) for tma in (False, True)}
     found["pod tma=shift"] = _placed(pod_footprint(True, shift=True), 2)
     found.update({name: _placed(split_footprint(tiling, kv_block, head_dim),
-                                tiling.programs_per_sm, waves)
-                  for name, (tiling, kv_block, head_dim, waves) in decode_tilings().items()})
+                                tiling.programs_per_sm)
+                  for name, (tiling, kv_block, head_dim) in decode_tilings().items()})
     print(json.dumps(found))

@@ -613,7 +613,7 @@ def test_each_decode_tiling_fits_its_programs_an_sm_on_hopper(
         name: str, sm90_footprints: dict[str, dict[str, object]]) -> None:
     """Compiled ahead of time for sm_90, every tiling the decode launches take (the
     three of `tiling_for`, the paged twin's, head dim 256's) fits as many programs on
-    an SM as its grid puts there at once: a footprint that grew past it would halve the
+    an SM as its grid puts there: a footprint that grew past it would halve the
     programs in flight with no error anywhere. Nor does any spill registers to the
     stack: a slowdown with no error either."""
     used = sm90_footprints[name]
