@@ -34,12 +34,12 @@ def tilings(grid: str) -> list[PodTiling]:
     program per SM); ``stages``: the decode split's pipelining depth (1, 2, and the
     default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
     three or four programs fit on an SM (32-token tiles, ``max_registers``);
-    ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`)
-    against copied whole; ``quick``: the default only."""
+    ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`, the
+    default) against copied whole; ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "shift":
-        return [PodTiling(tma=True), PodTiling(tma=True, tma_shift=True)]
+        return [PodTiling(tma=True, tma_shift=False), PodTiling(tma=True)]
     if grid == "occupancy":
         short = PodTiling(block_n=32, decode_block_n=32, tma=False)
         return [PodTiling(tma=False), PodTiling(tma=True), short,

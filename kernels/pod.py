@@ -89,19 +89,18 @@ class PodTiling:
     """Load the K/V tiles of both kinds with the tensor memory accelerator (bulk
     copies through tensor descriptors, compute capability 9.0+) instead of one load
     per thread; it needs a power-of-two head dim and 16-byte aligned cache strides.
-    A tile that crosses a length is copied whole and masked: up to ``max(block_n,
-    decode_block_n) - 1`` tokens past a length are read, which the cache's
-    `read_slack` must cover (the default, 256 tokens, does), as for FlashAttention-3;
-    `tma_shift` reads nothing past a length instead.
+    A tile that crosses a length is copied as the box that ends at the length
+    (`tma_shift`), so nothing past a length is read.
     None (default): wherever the GPU and the cache allow (on an H200 the fused launch
-    was 0.3-6% faster with it, docs/benchmarks.md); True: required; False: never,
-    nothing is read past a length."""
-    tma_shift: bool = False
+    was 0.3-6% faster with it, docs/benchmarks.md); True: required; False: never."""
+    tma_shift: bool = True
     """With `tma`: copy a tile that would cross a length as the box that ends at the
-    length instead (the tokens before the tile's start are masked, and the TMA fills
-    tokens before 0 with zeros), so that nothing past a length is read and no read
-    slack is needed. Compiled for sm_90 (CPU, `tests/footprint.py`) it keeps two
-    programs an SM; not yet timed on a GPU, so off by default."""
+    length (the tokens before the tile's start are masked, and the TMA fills tokens
+    before 0 with zeros), so that nothing past a length is read and no read slack is
+    needed. False: copy it whole and mask it, reading up to ``max(block_n,
+    decode_block_n) - 1`` tokens past a length, which the cache's `read_slack` must
+    cover (the default, 256 tokens, does). On an H100 the two were level within the
+    run's noise (`tune_pod.py --grid shift`, docs/benchmarks.md)."""
     max_registers: int | None = None
     """A cap on registers per thread (Triton's ``maxnreg``), so that more programs fit
     on an SM; None: the compiler's choice. Ignored by the interpreter."""

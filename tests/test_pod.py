@@ -307,11 +307,11 @@ def test_decode_stages_leave_the_result_alone(stages: int) -> None:
 
 @pytest.mark.parametrize("layout,dtype", [("per_layer", torch.bfloat16),
                                           ("token_major", torch.float16)])
-@pytest.mark.parametrize("tiling", [dataclasses.replace(SMALL, tma=True),
-                                    dataclasses.replace(SMALL, tma=True, split=48),
-                                    dataclasses.replace(SMALL, tma=True, tma_shift=True),
-                                    dataclasses.replace(SMALL, tma=True, tma_shift=True,
+@pytest.mark.parametrize("tiling", [dataclasses.replace(SMALL, tma=True, tma_shift=False),
+                                    dataclasses.replace(SMALL, tma=True, tma_shift=False,
                                                         split=48),
+                                    dataclasses.replace(SMALL, tma=True),
+                                    dataclasses.replace(SMALL, tma=True, split=48),
                                     dataclasses.replace(SMALL, tma=False),
                                     dataclasses.replace(SMALL, max_registers=128)],
                          ids=["tma", "tma-partial-tiles", "tma-shift",
@@ -339,12 +339,12 @@ def test_tma_and_a_register_cap_leave_the_result_alone(layout: str, dtype: torch
 
 
 def test_shifted_tma_boxes_need_no_read_slack() -> None:
-    """With `PodTiling.tma_shift`, a tile crossing a length is copied as the box ending
-    there, so a cache with no read slack serves 64-token tiles: lengths under a tile
-    (the box starts before token 0), inside one, and past a page's end. On the host a
-    page holds 32 tokens (NaN when mapped, the next one unmapped): copied whole instead
-    (``tma_shift=False``), the first tile of the 17-token decode reads the unmapped
-    page past token 32 and faults."""
+    """With `PodTiling.tma_shift` (the default), a tile crossing a length is copied as
+    the box ending there, so a cache with no read slack serves 64-token tiles: lengths
+    under a tile (the box starts before token 0), inside one, and past a page's end. On
+    the host a page holds 32 tokens (NaN when mapped, the next one unmapped): copied
+    whole instead (``tma_shift=False``), the first tile of the 17-token decode reads
+    the unmapped page past token 32 and faults."""
     torch.manual_seed(12)
     dtype = torch.bfloat16
     cache = VirtualKVCache(num_layers=8, num_kv_heads=HKV, head_dim=D, dtype=dtype,
@@ -439,7 +439,7 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int,
         assert relative_error(od, alone.float()) < 1e-2, policy
         assert relative_error(op, flash.float()) < 1e-2, policy
         assert relative_error(op[rows], ref[rows]) < 1e-2, policy
-    for tiling in (PodTiling(tma=False), PodTiling(tma_shift=True),
+    for tiling in (PodTiling(tma=False), PodTiling(tma_shift=False),
                    PodTiling(block_n=32, decode_block_n=32, max_registers=168)):
         op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots, tiling=tiling)
         assert relative_error(od, alone.float()) < 1e-2, tiling

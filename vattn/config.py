@@ -74,9 +74,8 @@ class CacheConfig:
     """Bytes of physical memory the cache may create; default a fraction of free memory."""
     read_slack: int = DEFAULT_READ_SLACK
     """Tokens kept mapped past each slot's target, for kernels that read whole tiles:
-    FlashAttention-3 reads up to 176 past a length, `pod_attention` with the TMA (the
-    default on Hopper) up to 63 (none with ``PodTiling(tma_shift=True)``),
-    `decode_attention` and its paged twin none."""
+    FlashAttention-3 reads up to 176 past a length, `pod_attention` none (up to 63 with
+    ``PodTiling(tma_shift=False)``), `decode_attention` and its paged twin none."""
     lookahead_tokens: int | None = None
     """Look-ahead: once a slot's target comes within this many tokens of its mapped
     capacity (less the read slack), the slot grows ahead of need to hold twice this many
