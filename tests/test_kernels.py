@@ -608,7 +608,8 @@ def test_a_plain_call_launches_with_the_tiling_of_its_shape(
     assert relative_error(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("name", ["n128", "n64", "n32", "paged-16", "paged-128", "d256"])
+@pytest.mark.parametrize("name", ["n128", "n64", "n32", "paged-16", "paged-128", "d256",
+                                  "paged-d256"])
 def test_each_decode_tiling_fits_its_programs_an_sm_on_hopper(
         name: str, sm90_footprints: dict[str, dict[str, object]]) -> None:
     """Compiled ahead of time for sm_90, every tiling the decode launches take (the
