@@ -1,14 +1,18 @@
 """The CUDA driver's virtual-memory API through cuda-python (`cuda.bindings.driver`).
 
 Every call runs with the device's primary context current (the one torch uses), set
-once per thread; the bindings release the GIL inside driver calls (cuda-bindings >=
-12.9.1). A result other than ``CUDA_SUCCESS`` raises `DriverError(call, code_name)`,
-and ``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
+once per thread; the two whose result depends on the current context (synchronize,
+memory info) push it around the call. The bindings release the GIL inside driver calls
+(cuda-bindings >= 12.9.1). A result other than ``CUDA_SUCCESS`` raises
+`DriverError(call, code_name)`, and ``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises
+`OutOfPages`.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cuda.bindings import driver as cu
@@ -63,8 +67,7 @@ class CudaVirtualMemory:
                 "driver": f"{kernel} ({api})" if kernel else api}
 
     def memory_info(self) -> tuple[int, int]:
-        self._enter()
-        free, total = _check("cuMemGetInfo", cu.cuMemGetInfo())
+        free, total = self._on_own_context("cuMemGetInfo", cu.cuMemGetInfo)
         return int(free), int(total)
 
     def reserve(self, size_bytes: int, alignment_bytes: int) -> int:
@@ -101,8 +104,7 @@ class CudaVirtualMemory:
         _check("cuMemUnmap", cu.cuMemUnmap(address, size_bytes))
 
     def synchronize(self) -> None:
-        self._enter()
-        _check("cuCtxSynchronize", cu.cuCtxSynchronize())
+        self._on_own_context("cuCtxSynchronize", cu.cuCtxSynchronize)
 
     def close(self) -> None:
         if self._context is not None:
@@ -113,11 +115,29 @@ class CudaVirtualMemory:
                 raise DriverError("cuDevicePrimaryCtxRelease", result[0].name)
 
     def _enter(self) -> None:
-        """Make the primary context current on this thread (once per thread)."""
+        """Make the primary context current on this thread (once per thread). The
+        virtual-memory calls name their device (or need none), so it does not matter
+        if the thread's current context changes later; the calls whose result depends
+        on it go through `_on_own_context`."""
         if getattr(self._local, "context_set", False):
             return
         _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
         self._local.context_set = True
+
+    def _on_own_context(self, call: str, fn: Callable[[], tuple[Any, ...]]) -> Any:
+        """``fn()`` (a driver call acting on the current context) with this device's
+        primary context pushed, and the thread's context as it was afterwards: another
+        device's backend, or torch, may have made its own current on this thread
+        since `_enter`, and synchronizing or counting that device instead would be
+        wrong (pages unmapped while this device may still read them)."""
+        self._enter()
+        _check("cuCtxPushCurrent", cu.cuCtxPushCurrent(self._context))
+        try:
+            return _check(call, fn())
+        finally:
+            popped = cu.cuCtxPopCurrent()[0]
+            if popped != cu.CUresult.CUDA_SUCCESS and sys.exc_info()[0] is None:
+                raise DriverError("cuCtxPopCurrent", getattr(popped, "name", str(popped)))
 
 
 def _kernel_driver_version() -> str | None:
