@@ -1,11 +1,11 @@
 """The CUDA driver's virtual-memory API through cuda-python (`cuda.bindings.driver`).
 
-Every call runs with the device's primary context current (the one torch uses), set
-once per thread; the two whose result depends on the current context (synchronize,
-memory info) push it around the call. The bindings release the GIL inside driver calls
-(cuda-bindings >= 12.9.1). A result other than ``CUDA_SUCCESS`` raises
-`DriverError(call, code_name)`, and ``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises
-`OutOfPages`.
+The device's primary context (the one torch uses) is made current once per thread; the
+two calls that act on the current context (synchronize, memory info) push it around
+the call, since the thread's current context may have changed since. The bindings
+release the GIL inside driver calls (cuda-bindings >= 12.9.1). A result other than
+``CUDA_SUCCESS`` raises `DriverError(call, code_name)`, and
+``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
 """
 
 from __future__ import annotations
@@ -116,9 +116,10 @@ class CudaVirtualMemory:
 
     def _enter(self) -> None:
         """Make the primary context current on this thread (once per thread). The
-        virtual-memory calls name their device (or need none), so it does not matter
-        if the thread's current context changes later; the calls whose result depends
-        on it go through `_on_own_context`."""
+        virtual-memory calls name their device or act on a handle or an address, so
+        they are taken not to depend on which context is current later (not yet
+        checked on two GPUs); the calls that act on the current context go through
+        `_on_own_context`."""
         if getattr(self._local, "context_set", False):
             return
         _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
