@@ -492,9 +492,10 @@ def test_both_reductions_overwrite_every_row_of_out_twice(merge: str, loop: str)
 
 @pytest.mark.parametrize("loop", ["a loop per request", "flat"])
 def test_the_merge_in_the_launch_folds_many_partials(loop: str) -> None:
-    # One launch in which the last run of a row to arrive merges its partials: a row
-    # over 100 runs, with its largest scores in the last of them, so that the running
-    # sums of the merge are rescaled as it goes.
+    # One launch in which the last run of a row to arrive merges its partials: 100
+    # runs of two 16-token tiles over 102 tiles, so the long row spans 50 runs, with
+    # its largest scores in the last of them, so that the running sums of the merge
+    # are rescaled as it goes.
     from vattn.kernels import Tiling
     from vattn.kernels.decode import launch
 
