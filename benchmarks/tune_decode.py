@@ -200,8 +200,7 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
     for tiling, space in runs:
         compiled = common.compiled_footprints(_split_kernel)
         got = call(0, tiling, space).float()
-        footprint = "; ".join(v for k, v in common.compiled_footprints(_split_kernel).items()
-                              if k not in compiled)
+        footprint = common.newly_compiled(_split_kernel, compiled)
         error = ((got - expected).norm() / expected.norm()).item()
         if not error < 1e-2:
             raise AssertionError(f"{name} {tiling}: relative error {error} against default")

@@ -99,8 +99,7 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
             return pod_attention(cell.qp[:0], cell.qd, cell.k, cell.v, 0, 0, cell.lens,
                                  cell.slots, tiling=t, max_decode_len=context)
 
-        footprint = "; ".join(v for k, v in common.compiled_footprints(_pod_kernel).items()
-                              if k not in compiled)
+        footprint = common.newly_compiled(_pod_kernel, compiled)
         print(f"{base['cell']} {_name(tiling)}: {footprint or 'compiled before'}", flush=True)
         t_p, t_d = _graph_us(prefill, repeats), _graph_us(decode, repeats)
         for named in policies:     # "partitioned:0.4": that share of SMs decode first

@@ -175,6 +175,12 @@ def compiled_footprints(kernel: Any) -> dict[int, str]:
     return found
 
 
+def newly_compiled(kernel: Any, before: dict[int, str]) -> str:
+    """The footprints of the variants of `kernel` compiled since `compiled_footprints`
+    gave `before`, joined; empty if none."""
+    return "; ".join(v for k, v in compiled_footprints(kernel).items() if k not in before)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
