@@ -1,6 +1,7 @@
 """The CUDA backend's handling of the current context, against a fake driver (no GPU):
 two caches on two devices, used from one thread, each synchronize and count their own
-device, and leave the thread's current context as they found it."""
+device, and leave the thread's current context as they found it; a thread with no
+current context gets the device's primary one, and a thread with one keeps it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from vattn.driver import cuda as backend
 from vattn.errors import DriverError
 
 
+class Context(str):
+    """A context handle: `int()` of a real one is its address, never 0."""
+
+    def __int__(self) -> int:
+        return 1
+
+
 class FakeDriver:
     """The calls `CudaVirtualMemory` makes, on two devices; each thread has a context
     stack, whose top is the current context (None: none)."""
@@ -22,7 +30,7 @@ class FakeDriver:
         self.real = mock.MagicMock()        # enums and structs: any attribute will do
         self.CUresult = self.real.CUresult
         self.ok = self.CUresult.CUDA_SUCCESS
-        self.contexts = {0: "context 0", 1: "context 1"}
+        self.contexts = {0: Context("context 0"), 1: Context("context 1")}
         self.free = {"context 0": 1000, "context 1": 2000}
         self.synced: list[Any] = []
         self.pop_fails = False
@@ -51,6 +59,9 @@ class FakeDriver:
     def cuMemGetAllocationGranularity(self, prop: Any, flags: Any) -> tuple[Any, int]:
         return self.ok, 2 << 20
 
+    def cuCtxGetCurrent(self) -> tuple[Any, Any]:
+        return self.ok, self.current() or 0        # 0: a null CUcontext
+
     def cuCtxSetCurrent(self, context: Any) -> tuple[Any]:
         if self.stack():
             self.stack()[-1] = context
@@ -74,6 +85,12 @@ class FakeDriver:
     def cuMemGetInfo(self) -> tuple[Any, int, int]:
         return self.ok, self.free[self.current()], 4000
 
+    def cuMemAddressReserve(self, size: int, alignment: int, addr: int,
+                            flags: int) -> tuple[Any, int]:
+        if self.current() is None:
+            return self.CUresult.CUDA_ERROR_INVALID_CONTEXT, 0
+        return self.ok, 1 << 40
+
 
 @pytest.fixture
 def driver(monkeypatch: pytest.MonkeyPatch) -> FakeDriver:
@@ -94,6 +111,32 @@ def test_each_backend_synchronizes_and_counts_its_own_device(driver: FakeDriver)
     second.synchronize()
     assert driver.synced == ["context 0", "context 1"]
     assert driver.stack() == ["context 1"]
+
+
+def test_a_fresh_thread_gets_the_primary_context(driver: FakeDriver) -> None:
+    vm = backend.CudaVirtualMemory(1)
+    seen: list[Any] = []
+
+    def work() -> None:
+        seen.append(vm.reserve(2 << 20, 2 << 20))
+        seen.append(driver.current())
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [1 << 40, "context 1"]
+
+
+def test_a_current_context_is_kept(driver: FakeDriver) -> None:
+    """A cache on device 1, made and used from a thread where torch uses device 0,
+    leaves device 0 current there (and still synchronizes device 1)."""
+    driver.cuCtxSetCurrent(driver.contexts[0])
+    vm = backend.CudaVirtualMemory(1)
+    assert vm.reserve(2 << 20, 2 << 20) == 1 << 40
+    assert driver.stack() == ["context 0"]
+    vm.synchronize()
+    assert driver.synced == ["context 1"]
+    assert driver.stack() == ["context 0"]
 
 
 def test_a_failed_pop_is_reported(driver: FakeDriver) -> None:

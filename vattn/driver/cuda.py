@@ -1,8 +1,11 @@
 """The CUDA driver's virtual-memory API through cuda-python (`cuda.bindings.driver`).
 
-The device's primary context (the one torch uses) is made current once per thread; the
-two calls that act on the current context (synchronize, memory info) push it around
-the call, since the thread's current context may have changed since. The bindings
+A thread with no current context gets the device's primary context (the one torch
+uses) on its first call; a thread that has one (torch's, perhaps of another device) keeps
+it, so a cache never changes which device torch uses on that thread. The
+virtual-memory calls name their device or act on a handle or an address, so any
+current context serves them. The two calls that act on the current context
+(synchronize, memory info) push the device's own around the call. The bindings
 release the GIL inside driver calls (cuda-bindings >= 12.9.1). A result other than
 ``CUDA_SUCCESS`` raises `DriverError(call, code_name)`, and
 ``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
@@ -115,14 +118,17 @@ class CudaVirtualMemory:
                 raise DriverError("cuDevicePrimaryCtxRelease", result[0].name)
 
     def _enter(self) -> None:
-        """Make the primary context current on this thread (once per thread). The
-        virtual-memory calls name their device or act on a handle or an address, so
-        they are taken not to depend on which context is current later (not yet
-        checked on two GPUs); the calls that act on the current context go through
-        `_on_own_context`."""
+        """Give this thread a current context if it has none (once per thread): the
+        device's primary context. A context already current stays, whichever device it
+        is of: making ours current would switch torch's current device on this thread
+        (the runtime follows the driver's current context), and the virtual-memory
+        calls are taken not to depend on it (they name their device; not yet checked on
+        two GPUs). The calls that act on the current context go
+        through `_on_own_context`."""
         if getattr(self._local, "context_set", False):
             return
-        _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
+        if not int(_check("cuCtxGetCurrent", cu.cuCtxGetCurrent())):  # a null CUcontext
+            _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._context))
         self._local.context_set = True
 
     def _on_own_context(self, call: str, fn: Callable[[], tuple[Any, ...]]) -> Any:
