@@ -36,7 +36,7 @@ from vattn.kernels.decode import (
     launch,
     tiling_for,
 )
-from vattn.kernels.paged import paged_tiling
+from vattn.kernels.paged import paged_tiling_for
 
 # (name, batch, query heads, KV heads, head dim, context, equal lengths)
 SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, True),
@@ -292,8 +292,8 @@ def main() -> None:
     for shape in (s for s in SHAPES if s[0] in wanted):
         _, batch, _, kv_heads, head_dim, context, _ = shape
         # What a plain call launches with: the baseline of the summary, timed if absent.
-        default = (paged_tiling(head_dim) if args.paged
-                   else tiling_for(head_dim, batch, kv_heads, context, sms))
+        default = (paged_tiling_for if args.paged else tiling_for)(
+            head_dim, batch, kv_heads, context, sms)
         configs_here = configs if default in configs else [*configs, default]
         timed = []
         for allocation in range(args.allocations):

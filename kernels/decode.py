@@ -657,14 +657,23 @@ def default_tiling(head_dim: int) -> Tiling:
 def tiling_for(head_dim: int, batch: int, num_kv_heads: int, max_len: int,
                sm_count: int) -> Tiling:
     """The tiling `decode_attention` launches with: `default_tiling`, with shorter tiles
-    where the batch has few tiles of 128 tokens at ``Lmax`` for the SMs (from the
-    shape only, never the lengths: the grid stays fixed). Those launches are bound by
+    where the batch has few tiles of 128 tokens at ``Lmax`` for the SMs
+    (`shorter_where_few`)."""
+    return shorter_where_few(default_tiling(head_dim), batch, num_kv_heads, max_len,
+                             sm_count)
+
+
+def shorter_where_few(tiling: Tiling, batch: int, num_kv_heads: int, max_len: int,
+                      sm_count: int) -> Tiling:
+    """`tiling` (of 128-token tiles; others are returned as they are), with shorter
+    tiles where the batch has few tiles of 128 tokens at ``Lmax`` for the SMs: from the
+    shape only, never the lengths, so the grid stays fixed. Those launches are bound by
     latency, not bytes, and more programs reading fewer tokens each finish sooner. On
     an H200 (132 SMs, 2 or 8 KV heads, docs/benchmarks.md) 32-token tiles took 16-28%
     off where the lengths filled at most SMs / 8 tiles of 128 (batch 1-2, 512-1K
     tokens), 64-token tiles 5-10% where they filled at most 2 x SMs (2K-16K tokens,
-    batch 1-4); with more, 64 was level with 128 or up to 14% slower."""
-    tiling = default_tiling(head_dim)
+    batch 1-4); with more, 64 was level with 128 or up to 14% slower. The paged twin
+    takes the same rule (on an H100 its time fell 3-43% at 512-16K tokens)."""
     if tiling.block_n != 128:       # head dim 256: not measured
         return tiling
     tiles = batch * num_kv_heads * triton.cdiv(max_len, 128)

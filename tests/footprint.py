@@ -104,13 +104,15 @@ def pod_footprint(tma: bool, shift: bool = False) -> dict[str, object]:
 
 def decode_tilings() -> dict[str, tuple[Tiling, int, int]]:
     """The tilings the decode launches take (`tiling_for`'s three tile sizes, the paged
-    twin's at both block sizes, head dim 256's of both), with the KV block size and
-    head dim of each."""
-    base = default_tiling(128)
+    twin's three at both block sizes, head dim 256's of both), with the KV block size
+    and head dim of each."""
+    base, paged = default_tiling(128), paged_tiling(128)
     return {"n128": (base, 0, 128), "n64": (dataclasses.replace(base, block_n=64), 0, 128),
             "n32": (dataclasses.replace(base, block_n=32), 0, 128),
-            "paged-16": (paged_tiling(128), 16, 128),
-            "paged-128": (paged_tiling(128), 128, 128), "d256": (default_tiling(256), 0, 256),
+            "paged-16": (paged, 16, 128), "paged-128": (paged, 128, 128),
+            **{f"paged-{block}-n{n}": (dataclasses.replace(paged, block_n=n), block, 128)
+               for block in (16, 128) for n in (64, 32)},
+            "d256": (default_tiling(256), 0, 256),
             "paged-d256": (paged_tiling(256), 16, 256)}
 
 

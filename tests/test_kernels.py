@@ -577,6 +577,47 @@ def test_launches_with_few_tiles_take_shorter_ones() -> None:
     assert tiling_for(128, 64, 8, 16384, 132) == default_tiling(128)
 
 
+def test_the_paged_twin_takes_the_same_shorter_tiles() -> None:
+    from vattn.kernels import Tiling
+    from vattn.kernels.paged import paged_tiling, paged_tiling_for
+
+    def twin(batch: int, kv_heads: int, max_len: int, head_dim: int = 128) -> Tiling:
+        return paged_tiling_for(head_dim, batch, kv_heads, max_len, 132)
+
+    base = paged_tiling(128)
+    assert twin(1, 2, 512) == dataclasses.replace(base, block_n=32)      # its stages
+    assert twin(1, 2, 16384) == dataclasses.replace(base, block_n=64)    # and programs
+    assert twin(8, 8, 16384) == base and base.programs_per_sm == 2
+    assert twin(1, 2, 512, head_dim=256) == paged_tiling(256)
+
+
+def test_a_paged_call_launches_with_the_tiling_of_its_shape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The twin's Lmax is its block table's reach, not the lengths.
+    from vattn.kernels import Tiling, decode, paged
+
+    seen: list[Tiling] = []
+    launch = decode.launch
+
+    def spy(*args: object) -> torch.Tensor:
+        seen.append(args[13])                         # type: ignore[arg-type]
+        return launch(*args)                          # type: ignore[arg-type]
+
+    monkeypatch.setattr(paged, "launch", spy)
+    k = torch.randn(6, 16, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
+    table = torch.tensor([[5, 0, 3], [1, 4, 2]], dtype=torch.int32, device=DEVICE)
+    out = paged.paged_decode_attention(q, k, v, table, _ints([40, 9]))
+    assert seen == [paged.paged_tiling_for(D, 2, HKV, 48, decode._sm_count(q.device))]
+    # 4 tiles of 128 at Lmax: shorter tiles on any SM count, the twin's stages
+    assert seen[0].block_n < 128 and seen[0].num_stages == paged.paged_tiling(D).num_stages
+    dense_k = k[table.long()].reshape(2, 48, HKV, D)
+    dense_v = v[table.long()].reshape(2, 48, HKV, D)
+    ref = reference(q, dense_k, dense_v, [40, 9], [0, 1], [0, 0], D ** -0.5)
+    assert relative_error(out, ref) < 1e-2
+
+
 def test_a_plain_call_launches_with_the_tiling_of_its_shape(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # decode_attention asks tiling_for with the launch's shape (Lmax, not the lengths)
@@ -609,12 +650,13 @@ def test_a_plain_call_launches_with_the_tiling_of_its_shape(
     assert relative_error(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("name", ["n128", "n64", "n32", "paged-16", "paged-128", "d256",
-                                  "paged-d256"])
+@pytest.mark.parametrize("name", ["n128", "n64", "n32", "paged-16", "paged-128",
+                                  "paged-16-n64", "paged-16-n32", "paged-128-n64",
+                                  "paged-128-n32", "d256", "paged-d256"])
 def test_each_decode_tiling_fits_its_programs_an_sm_on_hopper(
         name: str, sm90_footprints: dict[str, dict[str, object]]) -> None:
     """Compiled ahead of time for sm_90, every tiling the decode launches take (the
-    three of `tiling_for`, the paged twin's, head dim 256's) fits as many programs on
+    three of `tiling_for`, the paged twin's three, head dim 256's) fits as many programs on
     an SM as its grid puts there: a footprint that grew past it would halve the
     programs in flight with no error anywhere. Nor does any spill registers to the
     stack: a slowdown with no error either."""
