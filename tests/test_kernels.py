@@ -600,7 +600,7 @@ def test_a_paged_call_launches_with_the_tiling_of_its_shape(
     launch = decode.launch
 
     def spy(*args: object) -> torch.Tensor:
-        seen.append(args[13])                         # type: ignore[arg-type]
+        seen.append(args[13])                         # type: ignore[arg-type]  # tiling
         return launch(*args)                          # type: ignore[arg-type]
 
     monkeypatch.setattr(paged, "launch", spy)

@@ -1,14 +1,14 @@
 """The CUDA driver's virtual-memory API through cuda-python (`cuda.bindings.driver`).
 
 A thread with no current context gets the device's primary context (the one torch
-uses) on its first call; a thread that has one (torch's, perhaps of another device) keeps
-it, so a cache never changes which device torch uses on that thread. The
-virtual-memory calls name their device or act on a handle or an address, so any
-current context serves them. The two calls that act on the current context
-(synchronize, memory info) push the device's own around the call. The bindings
-release the GIL inside driver calls (cuda-bindings >= 12.9.1). A result other than
-``CUDA_SUCCESS`` raises `DriverError(call, code_name)`, and
-``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
+uses) on its first call; a thread that has one (torch's, perhaps of another device)
+keeps it, so a cache never changes which device torch uses on that thread. The
+virtual-memory calls name their device or act on a handle or an address, so they are
+taken to be served by any current context (not yet checked on two GPUs). The two calls
+that act on the current context (synchronize, memory info) push the device's own
+around the call. The bindings release the GIL inside driver calls (cuda-bindings >=
+12.9.1). A result other than ``CUDA_SUCCESS`` raises `DriverError(call, code_name)`,
+and ``CUDA_ERROR_OUT_OF_MEMORY`` from `create` raises `OutOfPages`.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ class CudaVirtualMemory:
         is of: making ours current would switch torch's current device on this thread
         (the runtime follows the driver's current context), and the virtual-memory
         calls are taken not to depend on it (they name their device; not yet checked on
-        two GPUs). The calls that act on the current context go
-        through `_on_own_context`."""
+        two GPUs). The calls that act on the current context go through
+        `_on_own_context`."""
         if getattr(self._local, "context_set", False):
             return
         if not int(_check("cuCtxGetCurrent", cu.cuCtxGetCurrent())):  # a null CUcontext
