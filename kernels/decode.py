@@ -673,7 +673,7 @@ def shorter_where_few(tiling: Tiling, batch: int, num_kv_heads: int, max_len: in
     off where the lengths filled at most SMs / 8 tiles of 128 (batch 1-2, 512-1K
     tokens), 64-token tiles 5-10% where they filled at most 2 x SMs (2K-16K tokens,
     batch 1-4); with more, 64 was level with 128 or up to 14% slower. The paged twin
-    takes the same rule (on an H100 its time fell 3-43% at 512-16K tokens)."""
+    takes the same rule (`paged_tiling_for`, where its figures are)."""
     if tiling.block_n != 128:       # head dim 256: not measured
         return tiling
     tiles = batch * num_kv_heads * triton.cdiv(max_len, 128)
