@@ -76,9 +76,17 @@ def tilings(grid: str) -> list[Tiling]:
     ``d256``: head dim 256's default (4 warps, two programs an SM), the 8-warp tiling
     it replaced (one program an SM, whose registers fit only one) and the same with
     runs for two (two waves), and two more 4-warp tilings, A B C D E E D C B A;
-    ``quick``: the default only."""
+    ``rowcost``: the default and 64-token tiles at two programs an SM, each with runs of
+    equal tiles and with a request's start counted as tiles (`Tiling.row_cost`: 1 and
+    2 tiles of 128 tokens, 2 and 4 of 64), A B ... B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "rowcost":
+        wide = Tiling(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
+        around = [dataclasses.replace(t, row_cost=c)
+                  for t, costs in ((default_tiling(128), (0, 1, 2)), (wide, (0, 2, 4)))
+                  for c in costs]
+        return around + around[::-1]
     if grid == "d256":
         eight = Tiling(block_n=32, num_warps=8, num_stages=2, programs_per_sm=1)
         near = [default_tiling(256), eight, dataclasses.replace(eight, programs_per_sm=2)]
@@ -142,7 +150,8 @@ def _name(t: Tiling) -> str:
             f"m{t.min_blocks_per_run}"
             + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction]
             + (" flat" if t.flat else "") + ("" if t.pdl else " no-pdl")
-            + ("" if t.merge_block == 128 else f" merge{t.merge_block}"))
+            + ("" if t.merge_block == 128 else f" merge{t.merge_block}")
+            + (f" rowcost{t.row_cost}" if t.row_cost else ""))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
@@ -263,7 +272,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
                                            "pair", "layout", "pdl", "short", "merge", "tile",
-                                           "short-tiles", "d256", "quick"),
+                                           "short-tiles", "d256", "rowcost", "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "

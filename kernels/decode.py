@@ -56,12 +56,17 @@ MAX_BATCH = 4096        # rows a launch schedules (each program reads every row'
 def _schedule(  # type: ignore[no-untyped-def]
     lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
     HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, ROW_COST: tl.constexpr,
 ):
     """The batch laid end to end, in blocks of BLOCK_N tokens. Returns, as vectors over
     the rows, each row's first token, its end and the running count of blocks through
     it, and the blocks of one run (``ceil(total / num_splits)``). Every program
-    computes the same schedule."""
+    computes the same schedule.
+
+    ROW_COST > 0: each row that has tokens counts that many blocks more, placed before
+    its own (`Tiling.row_cost`): no program attends over them, so a run that takes
+    part of a row's start does fewer of its blocks. A row's own blocks are still the
+    `cdiv(end - start, BLOCK_N)` that end at its entry of `through`."""
     rows = tl.arange(0, BLOCK_B)
     in_batch = rows < batch
     # Clamped to [0, max_len] before the cast, so that no int64 value wraps.
@@ -74,6 +79,8 @@ def _schedule(  # type: ignore[no-untyped-def]
         slot = tl.load(slots_ptr + rows, mask=in_batch, other=0)
         end = tl.where((slot >= 0) & (slot < num_slots), end, start)
     blocks = tl.where(in_batch & (end > start), tl.cdiv(end - start, BLOCK_N), 0)
+    if ROW_COST > 0:
+        blocks = tl.where(blocks > 0, blocks + ROW_COST, 0)
     through = tl.cumsum(blocks, 0)
     run = tl.maximum(tl.cdiv(tl.sum(blocks, 0), num_splits), 1)
     return start, end, through, run
@@ -151,6 +158,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     FUSED: tl.constexpr, FLAT: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_COST: tl.constexpr,
 ):
     if PDL:     # launched early: the grid before must end before anything is read
         gdc_wait()
@@ -161,7 +169,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     rows = tl.arange(0, BLOCK_B)
     start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
-        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N, ROW_COST)
     lo = piece * run
     hi = tl.minimum(lo + run, tl.max(through, 0))       # through[-1]: all the blocks
     # The rows holding blocks lo and hi - 1: the rows that end at or before it, counted.
@@ -485,7 +493,7 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_STARTS: tl.constexpr, CHECK_SLOTS: tl.constexpr,
     INTERPRETED: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DM: tl.constexpr,
+    BLOCK_DM: tl.constexpr, ROW_COST: tl.constexpr,
 ):
     head = tl.program_id(0)
     row = tl.program_id(1)
@@ -494,7 +502,7 @@ def _reduce_kernel(  # type: ignore[no-untyped-def]
     # starts only once every split program has passed it (PDL).
     start, end, through, run = _schedule(
         lens_ptr, slots_ptr, starts_ptr, batch, num_slots, max_len, num_splits,
-        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N)
+        HAS_STARTS, CHECK_SLOTS, BLOCK_B, BLOCK_N, ROW_COST)
     if PDL:     # the partials: written by the split launch, visible once it completes
         gdc_wait()
     row_through = _pick(through, rows, row)
@@ -621,6 +629,11 @@ class Tiling:
     alone and can be prefetched). False: one loop per request of the run, each filling
     the software pipeline afresh (`_segment`), the default: on an H200 the flat loop
     was 0-6% slower (docs/benchmarks.md)."""
+    row_cost: int = 0
+    """Tiles that a request's start counts for when the batch's blocks are cut into runs
+    (`_schedule`): a run that starts a request, and so fills the software pipeline
+    again and stores one more output, takes that many fewer tiles. 0: runs of equal
+    tiles. Not with `flat`, whose loop walks the cut's blocks themselves."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -629,6 +642,9 @@ class Tiling:
             raise ValueError(f"merge_block must be a power of two, got {self.merge_block}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.row_cost < 0 or (self.row_cost and self.flat):
+            raise ValueError(f"row_cost must be >= 0, and 0 with flat=True, got "
+                             f"{self.row_cost} (flat={self.flat})")
         if min(self.num_stages, self.programs_per_sm, self.min_blocks_per_run) < 1:
             raise ValueError(f"num_stages, programs_per_sm and min_blocks_per_run must be "
                              f">= 1, got {self.num_stages}, {self.programs_per_sm} and "
@@ -795,7 +811,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
                   INTERPRETED=_interpreted(), PDL=pdl,
                   BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
-                  BLOCK_D=block_d)
+                  BLOCK_D=block_d, ROW_COST=tiling.row_cost)
     launch_options = {"launch_pdl": True} if pdl else {}
     _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,

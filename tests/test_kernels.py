@@ -517,6 +517,36 @@ def test_the_merge_in_the_launch_folds_many_partials(loop: str) -> None:
     assert relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_runs_cut_with_a_cost_per_request_start(fused: bool) -> None:
+    # `Tiling.row_cost`: each request's start counts 3 tiles that no program attends
+    # over. With many runs some take only such tiles (they attend to nothing and store
+    # no partial), and the merges must still count and find exactly the runs that hold
+    # a request's real tiles: every row as the reference, empty ones zero, for run
+    # counts from one to more runs than tiles.
+    from vattn.kernels import Tiling
+    from vattn.kernels.decode import launch
+
+    tiling = Tiling(block_n=16, num_warps=4, num_stages=2, programs_per_sm=1,
+                    fused_reduction=fused, row_cost=3)
+    lmax = 80
+    k = torch.randn(5, lmax, HKV, D, device=DEVICE).to(torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(5, 2 * HKV, D, device=DEVICE).to(torch.float16)
+    lengths, starts = [20, 5, 64, 0, 33], [0, 0, 7, 0, 30]
+    ref = reference(q, k, v, lengths, list(range(5)), starts, D ** -0.5)
+    workspace = torch.zeros(5 * HKV, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 2, 5, 9, 20, 40):
+        out = torch.full_like(q, float("nan"))
+        launch(q, k, v, _ints(lengths), None, _ints(starts), None, 0, 5, lmax, None, out,
+               splits, tiling, workspace)
+        assert not workspace.any(), splits
+        assert not torch.isnan(out).any(), splits
+        assert torch.equal(out[3], torch.zeros_like(out[3])), splits
+        for row in (0, 1, 2, 4):
+            assert relative_error(out[row:row + 1], ref[row:row + 1]) < 1e-2, (splits, row)
+
+
 def test_a_bad_run_count_is_refused() -> None:
     k = torch.randn(2, 32, HKV, D, device=DEVICE).to(torch.float16)
     q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
@@ -672,6 +702,9 @@ def test_tiling_is_validated_and_sets_the_run_count() -> None:
         Tiling(block_n=48, num_warps=4, num_stages=2, programs_per_sm=1)
     with pytest.raises(ValueError, match="min_blocks_per_run"):
         Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=1, min_blocks_per_run=0)
+    for bad in ({"row_cost": -1}, {"row_cost": 1, "flat": True}):
+        with pytest.raises(ValueError, match="row_cost"):
+            Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=1, **bad)
     cpu = torch.device("cpu")             # the interpreter counts 4 SMs
     wide = Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=3)
     assert num_splits_for(cpu, 2, 2, 1000, wide) == 6            # 3 x 4 SMs / 2 KV heads
@@ -688,13 +721,14 @@ def test_tiling_is_validated_and_sets_the_run_count() -> None:
 @given(rows=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40), st.integers(0, 3)),
                      min_size=1, max_size=6),
        splits=st.integers(1, 40), seed=st.integers(0, 2**16), flat=st.booleans(),
-       fused=st.sampled_from([None, False]))
+       fused=st.sampled_from([None, False]), row_cost=st.sampled_from([0, 1, 3]))
 def test_any_schedule_matches_the_reference(rows: list[tuple[int, int, int]], splits: int,
-                                            seed: int, flat: bool, fused: bool | None
-                                            ) -> None:
+                                            seed: int, flat: bool, fused: bool | None,
+                                            row_cost: int) -> None:
     # Random lengths (empty ones too), left padding past the length, shared slots, run
     # counts from one run for the batch to more runs than tiles, both loops (a loop per
-    # request, one flat loop) and both merges (the default rule, two launches).
+    # request, one flat loop), both merges (the default rule, two launches), and runs
+    # cut with a cost for each request's start (the loop per request only).
     from vattn.kernels import Tiling, default_tiling
     from vattn.kernels.decode import launch
 
@@ -706,7 +740,7 @@ def test_any_schedule_matches_the_reference(rows: list[tuple[int, int, int]], sp
     v = torch.randn(4, 300, HKV, D, generator=gen).to(DEVICE, torch.float16)
     q = torch.randn(len(rows), 2 * HKV, D, generator=gen).to(DEVICE, torch.float16)
     tiling = dataclasses.replace(default_tiling(D), block_n=64, fused_reduction=fused,
-                                 flat=flat)
+                                 flat=flat, row_cost=0 if flat else row_cost)
     assert isinstance(tiling, Tiling)
     out = launch(q, k, v, _ints(lengths), _ints(slots), _ints(starts), None, 0, 4, 300,
                  None, None, splits, tiling)
