@@ -36,7 +36,7 @@ from vattn.kernels.decode import (
     launch,
     tiling_for,
 )
-from vattn.kernels.paged import paged_tiling_for
+from vattn.kernels.paged import paged_tiling, paged_tiling_for
 
 # (name, batch, query heads, KV heads, head dim, context, equal lengths)
 SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, True),
@@ -46,7 +46,9 @@ SHAPES = [("a-512", 1, 16, 2, 128, 512, True), ("a-1k", 1, 16, 2, 128, 1024, Tru
           ("a-64k", 1, 16, 2, 128, 65536, True), ("a-512-b2", 2, 16, 2, 128, 512, True),
           ("a-1k-b4", 4, 16, 2, 128, 1024, True), ("a-2k-b2", 2, 16, 2, 128, 2048, True),
           ("b-1-2k", 1, 32, 8, 128, 2048, True), ("b-1", 1, 32, 8, 128, 16384, True),
-          ("b-4", 4, 32, 8, 128, 16384, True), ("b-8", 8, 32, 8, 128, 16384, True),
+          ("b-4", 4, 32, 8, 128, 16384, True),
+          ("b-2-unequal", 2, 32, 8, 128, 16384, False),
+          ("b-4-unequal", 4, 32, 8, 128, 16384, False), ("b-8", 8, 32, 8, 128, 16384, True),
           ("b-16", 16, 32, 8, 128, 16384, True),
           ("b-8-unequal", 8, 32, 8, 128, 16384, False),
           ("b-16-unequal", 16, 32, 8, 128, 16384, False), ("b-32", 32, 32, 8, 128, 16384, True),
@@ -78,9 +80,13 @@ def tilings(grid: str) -> list[Tiling]:
     runs for two (two waves), and two more 4-warp tilings, A B C D E E D C B A;
     ``rowcost``: the default and 64-token tiles at two programs an SM, each with runs of
     equal tiles and with a request's start counted as tiles (`Tiling.row_cost`: 1 and
-    2 tiles of 128 tokens, 2 and 4 of 64), A B ... B A; ``quick``: the default only."""
+    2 tiles of 128 tokens, 2 and 4 of 64), A B ... B A; ``paged-rowcost``: the paged
+    twin's tiling with 0, 1 and 2 (with ``--paged``), A B C C B A; ``quick``: the default only."""
     if grid == "quick":
         return [default_tiling(128)]
+    if grid == "paged-rowcost":
+        around = [dataclasses.replace(paged_tiling(128), row_cost=c) for c in (0, 1, 2)]
+        return around + around[::-1]
     if grid == "rowcost":
         wide = Tiling(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
         around = [dataclasses.replace(t, row_cost=c)
@@ -156,13 +162,14 @@ def _name(t: Tiling) -> str:
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
           block_size: int, token_major: int = 0,
-          workspace_too: bool = False) -> list[dict[str, Any]]:
+          workspace_too: bool = False, seed: int = 0) -> list[dict[str, Any]]:
     """Time every tiling on one shape: the dense kernel, or with `block_size` the paged
     twin on the same K/V copied into shuffled blocks; with `token_major` layers, on
     layer views of token-major tensors. `workspace_too`: each fused tiling also with
-    one zeroed workspace reused by every call (no memset per call)."""
+    one zeroed workspace reused by every call (no memset per call). `seed` moves the
+    draw of the inputs (and of unequal lengths) off the shape's own."""
     name, batch, num_q, num_kv, head_dim, context, equal = shape
-    gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
+    gen = torch.Generator(device="cuda").manual_seed(batch * 7 + context + 1000 * seed)
     lengths = (torch.full((batch,), context, device="cuda") if equal else
                torch.randint(1, context + 1, (batch,), device="cuda", generator=gen))
     lens = lengths.int()
@@ -228,12 +235,13 @@ def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
 
 
 def sweep_cache(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
-                layout: str) -> list[dict[str, Any]]:
+                layout: str, seed: int = 0) -> list[dict[str, Any]]:
     """`sweep` on the layers of a `VirtualKVCache` in `layout`, built as `vattn bench
-    decode` builds it: case b with 32 layers and unequal lengths seeded by the batch,
-    case a with enough layers for a cold L2."""
+    decode` builds it: case b with 32 layers and unequal lengths seeded by the batch
+    (plus ``1000 * seed``: 0 is the bench's draw), case a with enough layers for a cold
+    L2."""
     name, batch, num_q, num_kv, head_dim, context, equal = shape
-    gen = torch.Generator().manual_seed(batch)
+    gen = torch.Generator().manual_seed(batch + 1000 * seed)
     lengths = ([context] * batch if equal else
                torch.randint(1, context + 1, (batch,), generator=gen).tolist())
     layers = (32 if name.startswith("b-") else
@@ -272,7 +280,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
                                            "pair", "layout", "pdl", "short", "merge", "tile",
-                                           "short-tiles", "d256", "rowcost", "quick"),
+                                           "short-tiles", "d256", "rowcost", "paged-rowcost",
+                                           "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "
@@ -283,6 +292,8 @@ def main() -> None:
                         help="K/V as layer views of [B, context, LAYERS, Hkv, D] tensors")
     parser.add_argument("--cache", choices=("per_layer", "token_major"), default=None,
                         help="time on a VirtualKVCache in this layout")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="sweep each shape of unequal lengths on N draws of them")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.cache and (args.paged or args.token_major or args.allocations > 1):
@@ -296,41 +307,46 @@ def main() -> None:
     wanted = args.shapes.split(",")
     rows: list[dict[str, Any]] = []
     summary = []
-    if args.allocations < 1:
-        raise SystemExit(f"--allocations must be >= 1, got {args.allocations}")
+    if min(args.allocations, args.seeds) < 1:
+        raise SystemExit(f"--allocations and --seeds must be >= 1, got {args.allocations} "
+                         f"and {args.seeds}")
     for shape in (s for s in SHAPES if s[0] in wanted):
         _, batch, _, kv_heads, head_dim, context, _ = shape
         # What a plain call launches with: the baseline of the summary, timed if absent.
         default = (paged_tiling_for if args.paged else tiling_for)(
             head_dim, batch, kv_heads, context, sms)
         configs_here = configs if default in configs else [*configs, default]
-        timed = []
-        for allocation in range(args.allocations):
-            spacer = torch.empty((2 * allocation + 1) << 26, dtype=torch.uint8, device="cuda")
-            if args.cache:
-                again = sweep_cache(shape, configs_here, args.repeats, args.cache)
-            else:
-                again = sweep(shape, configs_here, args.repeats, args.paged, args.token_major,
-                              args.grid == "reduction")
-            del spacer
-            torch.cuda.empty_cache()
-            for row in again:
-                row["allocation"] = allocation
-            if args.allocations > 1:
-                print(f"\n{shape[0]}, allocation {allocation}\n" + common.markdown_table(
-                    sorted(again, key=lambda r: r["us"])), flush=True)
-            timed += again
-        rows += timed
-        best: dict[str, dict[str, Any]] = {}     # a tiling timed twice: its faster timing
-        for row in timed:
-            if row["tiling"] not in best or row["us"] < best[row["tiling"]]["us"]:
-                best[row["tiling"]] = row
-        mine = sorted(best.values(), key=lambda r: r["us"])
-        print(f"\n{shape[0]}\n" + common.markdown_table(mine[:8]), flush=True)
-        base = next(r for r in mine if r["tiling"] == _name(default))
-        summary.append({"shape": shape[0], "default us": base["us"], "best us": mine[0]["us"],
-                        "best": mine[0]["tiling"],
-                        "default/best": f"{base['us'] / mine[0]['us']:.2f}"})
+        for seed in range(1 if shape[6] else args.seeds):   # equal lengths: one draw
+            timed = []
+            for allocation in range(args.allocations):
+                spacer = torch.empty((2 * allocation + 1) << 26, dtype=torch.uint8,
+                                     device="cuda")
+                if args.cache:
+                    again = sweep_cache(shape, configs_here, args.repeats, args.cache, seed)
+                else:
+                    again = sweep(shape, configs_here, args.repeats, args.paged,
+                                  args.token_major, args.grid == "reduction", seed)
+                del spacer
+                torch.cuda.empty_cache()
+                for row in again:
+                    row["allocation"] = allocation
+                    row["seed"] = seed
+                if args.allocations > 1:
+                    print(f"\n{shape[0]}, allocation {allocation}\n" + common.markdown_table(
+                        sorted(again, key=lambda r: r["us"])), flush=True)
+                timed += again
+            rows += timed
+            best: dict[str, dict[str, Any]] = {}   # a tiling timed twice: its faster timing
+            for row in timed:
+                if row["tiling"] not in best or row["us"] < best[row["tiling"]]["us"]:
+                    best[row["tiling"]] = row
+            mine = sorted(best.values(), key=lambda r: r["us"])
+            label = shape[0] + (f", seed {seed}" if args.seeds > 1 and not shape[6] else "")
+            print(f"\n{label}\n" + common.markdown_table(mine[:8]), flush=True)
+            base = next(r for r in mine if r["tiling"] == _name(default))
+            summary.append({"shape": label, "default us": base["us"],
+                            "best us": mine[0]["us"], "best": mine[0]["tiling"],
+                            "default/best": f"{base['us'] / mine[0]['us']:.2f}"})
     print("\n" + common.markdown_table(summary))
     if args.json:
         common.write_json(args.json, {"environment": header, "rows": rows,
