@@ -63,10 +63,11 @@ def _schedule(  # type: ignore[no-untyped-def]
     it, and the blocks of one run (``ceil(total / num_splits)``). Every program
     computes the same schedule.
 
-    ROW_COST > 0: each row that has tokens counts that many blocks more, placed before
-    its own (`Tiling.row_cost`): no program attends over them, so a run that takes
-    part of a row's start does fewer of its blocks. A row's own blocks are still the
-    `cdiv(end - start, BLOCK_N)` that end at its entry of `through`."""
+    ROW_COST > 0: each row that has tokens, but the first, counts that many blocks
+    more, placed before its own (`Tiling.row_cost`): no program attends over them, so
+    a run that starts a row does fewer of its blocks. A row's own blocks are still the
+    `cdiv(end - start, BLOCK_N)` that end at its entry of `through`, and a batch of
+    one row is cut as with ROW_COST 0."""
     rows = tl.arange(0, BLOCK_B)
     in_batch = rows < batch
     # Clamped to [0, max_len] before the cast, so that no int64 value wraps.
@@ -79,10 +80,12 @@ def _schedule(  # type: ignore[no-untyped-def]
         slot = tl.load(slots_ptr + rows, mask=in_batch, other=0)
         end = tl.where((slot >= 0) & (slot < num_slots), end, start)
     blocks = tl.where(in_batch & (end > start), tl.cdiv(end - start, BLOCK_N), 0)
-    if ROW_COST > 0:
-        blocks = tl.where(blocks > 0, blocks + ROW_COST, 0)
-    through = tl.cumsum(blocks, 0)
-    run = tl.maximum(tl.cdiv(tl.sum(blocks, 0), num_splits), 1)
+    if ROW_COST > 0:    # the first row with tokens starts run 0: it costs no more
+        through = tl.maximum(tl.cumsum(tl.where(blocks > 0, blocks + ROW_COST, 0), 0)
+                             - ROW_COST, 0)
+    else:
+        through = tl.cumsum(blocks, 0)
+    run = tl.maximum(tl.cdiv(tl.max(through, 0), num_splits), 1)
     return start, end, through, run
 
 
@@ -631,9 +634,11 @@ class Tiling:
     was 0-6% slower (docs/benchmarks.md)."""
     row_cost: int = 0
     """Tiles that a request's start counts for when the batch's blocks are cut into runs
-    (`_schedule`): a run that starts a request, and so fills the software pipeline
-    again and stores one more output, takes that many fewer tiles. 0: runs of equal
-    tiles. Not with `flat`, whose loop walks the cut's blocks themselves."""
+    (`_schedule`; the batch's first request excepted): a run that starts a request,
+    and so fills the software pipeline again and stores (and may merge) one more
+    output, takes that many fewer tiles. 0: runs of equal tiles. Not with `flat`,
+    whose loop walks the cut's blocks themselves. The default tiling of head dim <= 128
+    takes 2 (docs/benchmarks.md, "A request's start counted in the cut")."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -665,7 +670,7 @@ def default_tiling(head_dim: int) -> Tiling:
     (`tiling_for`)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d <= 128:
-        return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1)
+        return Tiling(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1, row_cost=2)
     return Tiling(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)
 
 
@@ -688,15 +693,16 @@ def shorter_where_few(tiling: Tiling, batch: int, num_kv_heads: int, max_len: in
     an H200 (132 SMs, 2 or 8 KV heads, docs/benchmarks.md) 32-token tiles took 16-28%
     off where the lengths filled at most SMs / 8 tiles of 128 (batch 1-2, 512-1K
     tokens), 64-token tiles 5-10% where they filled at most 2 x SMs (2K-16K tokens,
-    batch 1-4); with more, 64 was level with 128 or up to 14% slower. The paged twin
-    takes the same rule (`paged_tiling_for`, where its figures are)."""
+    batch 1-4); with more, 64 was level with 128 or up to 14% slower. The shorter
+    tiles cut runs of equal tiles (``row_cost=0``), as they were measured. The paged
+    twin takes the same rule (`paged_tiling_for`, where its figures are)."""
     if tiling.block_n != 128:       # head dim 256: not measured
         return tiling
     tiles = batch * num_kv_heads * triton.cdiv(max_len, 128)
     if tiles * 8 <= sm_count:
-        return dataclasses.replace(tiling, block_n=32)
+        return dataclasses.replace(tiling, block_n=32, row_cost=0)
     if tiles <= 2 * sm_count:
-        return dataclasses.replace(tiling, block_n=64)
+        return dataclasses.replace(tiling, block_n=64, row_cost=0)
     return tiling
 
 

@@ -81,7 +81,8 @@ def split_footprint(tiling: Tiling, kv_block: int = 0, head_dim: int = 128,
                  HAS_STARTS=False, CHECK_SLOTS=kv_block == 0, FUSED=fused,
                  FLAT=tiling.flat, INTERPRETED=False, UPCAST=False, PRECISION=None,
                  PDL=tiling.pdl, BLOCK_B=max(2, triton.next_power_of_2(batch)),
-                 BLOCK_G=16, BLOCK_N=tiling.block_n, BLOCK_D=head_dim)
+                 BLOCK_G=16, BLOCK_N=tiling.block_n, BLOCK_D=head_dim,
+                 ROW_COST=tiling.row_cost)
     return _compile(_split_kernel, const, {}, tiling.num_warps, tiling.num_stages)
 
 
@@ -107,8 +108,8 @@ def decode_tilings() -> dict[str, tuple[Tiling, int, int]]:
     twin's three at both block sizes, head dim 256's of both), with the KV block size
     and head dim of each."""
     base, paged = default_tiling(128), paged_tiling(128)
-    return {"n128": (base, 0, 128), "n64": (dataclasses.replace(base, block_n=64), 0, 128),
-            "n32": (dataclasses.replace(base, block_n=32), 0, 128),
+    short = {n: dataclasses.replace(base, block_n=n, row_cost=0) for n in (64, 32)}
+    return {"n128": (base, 0, 128), "n64": (short[64], 0, 128), "n32": (short[32], 0, 128),
             "paged-16": (paged, 16, 128), "paged-128": (paged, 128, 128),
             **{f"paged-{block}-n{n}": (dataclasses.replace(paged, block_n=n), block, 128)
                for block in (16, 128) for n in (64, 32)},

@@ -605,6 +605,11 @@ def test_launches_with_few_tiles_take_shorter_ones() -> None:
     assert tokens(1, 2, 16897) == 128 and tokens(1, 8, 16384) == 128
     assert tiling_for(256, 1, 2, 512, 132) == default_tiling(256)    # not measured: as is
     assert tiling_for(128, 64, 8, 16384, 132) == default_tiling(128)
+    # A request's start counts 2 tiles of 128 in the cut; the shorter tiles cut equal
+    # runs, as they were measured.
+    assert default_tiling(128).row_cost == 2 and default_tiling(256).row_cost == 0
+    assert tiling_for(128, 2, 2, 512, 132).row_cost == 0
+    assert tiling_for(128, 1, 2, 16896, 132).row_cost == 0
 
 
 def test_the_paged_twin_takes_the_same_shorter_tiles() -> None:
