@@ -131,7 +131,8 @@ def tilings(grid: str) -> list[Tiling]:
                                            programs_per_sm=2)
         return [a, b, b, a]
     if grid == "flat":
-        pairs = [(dataclasses.replace(t, flat=False), dataclasses.replace(t, flat=True))
+        pairs = [(dataclasses.replace(t, flat=False, row_cost=0),
+                  dataclasses.replace(t, flat=True, row_cost=0))
                  for t in (default_tiling(128), Tiling(block_n=64, num_warps=4,
                                                        num_stages=3, programs_per_sm=2))]
         return [t for a, b in pairs for t in (a, b, b, a)]

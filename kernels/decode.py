@@ -5,7 +5,8 @@ Hkv, D]`` strided K/V view (both vattn layouts, any batch/sequence/head strides,
 dim contiguous). One launch, or two::
 
     _split_kernel   grid (num_splits, Hkv): the batch's KV blocks, laid end to end, are
-                    cut into num_splits equal runs; a program takes one run for the
+                    cut into num_splits runs of equal tiles (a request's start may
+                    count as tiles, `Tiling.row_cost`); a program takes one run for the
                     query heads of one KV head (GQA group packed into the MMA tile). A
                     request within one run is written to the output at once; for one
                     that spans runs, each run writes a partial output and its
@@ -755,8 +756,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softmax_scale: default ``D ** -0.5``.
         out: ``[B, Hq, D]`` of q's dtype to write into (for CUDA graphs); allocated if
             None.
-        num_splits: cut the batch's KV, laid end to end, into this many equal runs
-            per KV head, at most `MAX_SPLITS` (tests); default `num_splits_for`.
+        num_splits: cut the batch's KV, laid end to end, into this many runs per
+            KV head, at most `MAX_SPLITS` (tests); default `num_splits_for`.
         workspace: int32, at least ``B * Hkv`` elements, all zero: the arrival counts
             of the merge, which the call leaves at zero again. Reuse one across calls
             (or a CUDA graph's replays) to save the memset of a fresh one; never share
