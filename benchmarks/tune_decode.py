@@ -312,12 +312,13 @@ def main() -> None:
         raise SystemExit(f"--allocations and --seeds must be >= 1, got {args.allocations} "
                          f"and {args.seeds}")
     for shape in (s for s in SHAPES if s[0] in wanted):
-        _, batch, _, kv_heads, head_dim, context, _ = shape
+        _, batch, _, kv_heads, head_dim, context, equal = shape
         # What a plain call launches with: the baseline of the summary, timed if absent.
         default = (paged_tiling_for if args.paged else tiling_for)(
             head_dim, batch, kv_heads, context, sms)
         configs_here = configs if default in configs else [*configs, default]
-        for seed in range(1 if shape[6] else args.seeds):   # equal lengths: one draw
+        draws = 1 if equal else args.seeds      # equal lengths: one draw
+        for seed in range(draws):
             timed = []
             for allocation in range(args.allocations):
                 spacer = torch.empty((2 * allocation + 1) << 26, dtype=torch.uint8,
@@ -342,7 +343,7 @@ def main() -> None:
                 if row["tiling"] not in best or row["us"] < best[row["tiling"]]["us"]:
                     best[row["tiling"]] = row
             mine = sorted(best.values(), key=lambda r: r["us"])
-            label = shape[0] + (f", seed {seed}" if args.seeds > 1 and not shape[6] else "")
+            label = shape[0] + (f", seed {seed}" if draws > 1 else "")
             print(f"\n{label}\n" + common.markdown_table(mine[:8]), flush=True)
             base = next(r for r in mine if r["tiling"] == _name(default))
             summary.append({"shape": label, "default us": base["us"],
