@@ -35,9 +35,12 @@ def tilings(grid: str) -> list[PodTiling]:
     default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
     three or four programs fit on an SM (32-token tiles, ``max_registers``);
     ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`, the
-    default) against copied whole; ``quick``: the default only."""
+    default) against copied whole; ``split``: decode splits of 1024, 4096 and 8192
+    tokens (the default is 2048); ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
+    if grid == "split":
+        return [PodTiling(split=s) for s in (1024, 4096, 8192)]
     if grid == "shift":
         return [PodTiling(tma=True, tma_shift=False), PodTiling(tma=True)]
     if grid == "occupancy":
@@ -138,7 +141,7 @@ def _cells(text: str | None) -> list[tuple[int, int, int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", choices=("full", "stages", "occupancy", "shift", "quick"),
+    parser.add_argument("--grid", choices=("full", "stages", "occupancy", "shift", "split", "quick"),
                         default="full")
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--repeats", type=int, default=10)
@@ -152,11 +155,17 @@ def main() -> None:
     configs = tilings(args.grid)
     if PodTiling() not in configs:
         configs.append(PodTiling())
-    rows = common.tables_per_cell(_cells(args.cells), lambda shape: sorted(
-        sweep(shape, configs, args.policies.split(","), args.repeats),
-        key=lambda r: r["pod us"]), emit)
-    if args.json:
-        common.write_json(args.json, {"environment": header, "rows": rows})
+    done: list[dict[str, Any]] = []
+
+    def measure(shape: tuple[int, int, int, int]) -> list[dict[str, Any]]:
+        rows = sorted(sweep(shape, configs, args.policies.split(","), args.repeats),
+                      key=lambda r: r["pod us"])
+        done.extend(rows)
+        if args.json:   # after every cell, so that a run cut short keeps what it timed
+            common.write_json(args.json, {"environment": header, "rows": done})
+        return rows
+
+    common.tables_per_cell(_cells(args.cells), measure, emit)
 
 
 if __name__ == "__main__":
