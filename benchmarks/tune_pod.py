@@ -141,8 +141,8 @@ def _cells(text: str | None) -> list[tuple[int, int, int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", choices=("full", "stages", "occupancy", "shift", "split", "quick"),
-                        default="full")
+    parser.add_argument("--grid", default="full",
+                        choices=("full", "stages", "occupancy", "shift", "split", "quick"))
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cells", default=None,
