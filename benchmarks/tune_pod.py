@@ -35,12 +35,12 @@ def tilings(grid: str) -> list[PodTiling]:
     default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
     three or four programs fit on an SM (32-token tiles, ``max_registers``);
     ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`, the
-    default) against copied whole; ``split``: decode splits of 1024, 4096 and 8192
-    tokens (the default is 2048); ``quick``: the default only."""
+    default) against copied whole; ``split``: decode splits of 1024-8192 tokens (the
+    default picks one from the shape, `PodTiling.split_for`); ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "split":
-        return [PodTiling(split=s) for s in (1024, 4096, 8192)]
+        return [PodTiling(split=s) for s in (1024, 2048, 4096, 8192)]
     if grid == "shift":
         return [PodTiling(tma=True, tma_shift=False), PodTiling(tma=True)]
     if grid == "occupancy":
@@ -59,7 +59,8 @@ def tilings(grid: str) -> list[PodTiling]:
 
 
 def _name(t: PodTiling) -> str:
-    return (f"m{t.block_m} n{t.block_n} nd{t.decode_block_n} s{t.split} w{t.num_warps} "
+    return (f"m{t.block_m} n{t.block_n} nd{t.decode_block_n} s{t.split or 'auto'} "
+            f"w{t.num_warps} "
             f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else "")
             + {None: "", True: " tma", False: " no-tma"}[t.tma]
             + (" shift" if t.tma_shift else "")
@@ -153,7 +154,7 @@ def main() -> None:
     emit = functools.partial(print, flush=True)
     header = common.script_header("tune_pod", emit)
     configs = tilings(args.grid)
-    if PodTiling() not in configs:
+    if PodTiling() not in configs and args.grid != "split":    # it picks one of them
         configs.append(PodTiling())
     done: list[dict[str, Any]] = []
 

@@ -59,6 +59,10 @@ from vattn.kernels.decode import (
     require_runnable,
 )
 
+SPLIT_BASE, SPLIT_MAX, SPLIT_UNITS_PER_SM = 2048, 4096, 4
+"""`PodTiling.split_for`'s rule: decode splits of SPLIT_BASE tokens, doubled up to
+SPLIT_MAX while every SM still gets SPLIT_UNITS_PER_SM of them."""
+
 Policy = Literal["proportional", "50:50", "partitioned", "paired"]
 POLICIES: tuple[Policy, ...] = ("proportional", "50:50", "partitioned", "paired")
 _POLICY_CODE = {"proportional": 0, "50:50": 1, "partitioned": 2, "paired": 3}
@@ -74,8 +78,11 @@ class PodTiling:
     """K/V tokens per inner tile of a prefill tile."""
     decode_block_n: int = 64
     """K/V tokens per inner tile of a decode split."""
-    split: int = 2048
-    """Tokens per decode split (a multiple of `decode_block_n`)."""
+    split: int | None = None
+    """Tokens per decode split (a multiple of `decode_block_n`). None (default): chosen
+    from the decode batch, KV heads, the launch's `max_decode_len` and the SM count
+    (`split_for`), never from the lengths, so a step can still be captured in a CUDA
+    graph."""
     num_warps: int = 4
     num_stages: int = 3
     decode_stages: int | None = None
@@ -110,7 +117,8 @@ class PodTiling:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.split < self.decode_block_n or self.split % self.decode_block_n:
+        if self.split is not None and (self.split < self.decode_block_n
+                                       or self.split % self.decode_block_n):
             raise ValueError(f"split must be a positive multiple of decode_block_n "
                              f"({self.decode_block_n}), got {self.split}")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -122,6 +130,21 @@ class PodTiling:
             raise ValueError(f"decode_sms must be in [0, 1], got {self.decode_sms}")
         if self.max_registers is not None and not 24 <= self.max_registers <= 255:
             raise ValueError(f"max_registers must be in [24, 255], got {self.max_registers}")
+
+    def split_for(self, batch: int, num_kv_heads: int, max_decode_len: int,
+                  num_sms: int) -> int:
+        """The decode split of a launch: `split` where set; otherwise SPLIT_BASE tokens
+        (at least `decode_block_n`), doubled up to SPLIT_MAX while the decodes still
+        leave SPLIT_UNITS_PER_SM splits an SM and a split shorter than
+        `max_decode_len`. Longer splits cost fewer partials, queries and merges, shorter
+        ones fill the SMs; docs/benchmarks.md has the sweep behind the constants."""
+        if self.split is not None:
+            return self.split
+        split = max(SPLIT_BASE, self.decode_block_n)
+        while (split < min(SPLIT_MAX, max_decode_len) and batch * num_kv_heads
+               * triton.cdiv(max_decode_len, 2 * split) >= SPLIT_UNITS_PER_SM * num_sms):
+            split *= 2
+        return split
 
 
 @triton.jit
@@ -534,8 +557,10 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
             raise InvalidArgument(f"max_decode_len must be an int >= 1, got "
                                   f"{max_decode_len!r}")
         max_len = min(max_len, max_decode_len)
-    num_prefill, num_decode = pod_units(chunk, num_heads, batch, num_kv_heads, max_len,
-                                        tiling)
+    sms = _num_sms(q_decode.device)
+    split = tiling.split_for(batch, num_kv_heads, max_len, sms)
+    num_prefill, num_decode = _units(chunk, num_heads, batch, num_kv_heads, max_len,
+                                     tiling.block_m, split)
     if trace is not None and (trace.dtype != torch.int64 or trace.device != q_decode.device
                               or trace.shape != (num_prefill + num_decode, 5)
                               or not trace.is_contiguous()):
@@ -556,14 +581,13 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
     if num_decode * block_g * block_d >= 2**31:     # the partials' int32 offsets
         raise InvalidArgument(f"{num_decode} decode splits of {block_g} x {block_d} floats "
                               f"exceed the 2**31 a launch can address; pass a smaller "
-                              f"max_decode_len or a larger tiling.split")
+                              f"max_decode_len or a longer tiling.split than {split}")
     require_runnable(q_decode.device)
     dev = q_decode.device
     tma = (tiling.tma if tiling.tma is not None
            else _tma_refusal(k_cache, v_cache, block_d) is None)
     descs = _descriptors(k_cache, v_cache, tiling, block_d) if tma else (k_cache,) * 4
-    num_splits = triton.cdiv(max_len, tiling.split)
-    sms = _num_sms(dev)
+    num_splits = triton.cdiv(max_len, split)
     # One workspace, one memset: counters, arrivals, then the partials.
     ints = 2 + sms + batch * num_kv_heads
     floats = num_decode * block_g * (block_d + 1)
@@ -591,7 +615,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         POLICY=_POLICY_CODE[policy], NUM_SM=sms,
         UPCAST=interpreted and q_decode.dtype == torch.bfloat16,
         PRECISION="ieee" if q_decode.dtype == torch.float32 else None,
-        INTERPRETED=interpreted, SPLIT=tiling.split, BLOCK_M=tiling.block_m,
+        INTERPRETED=interpreted, SPLIT=split, BLOCK_M=tiling.block_m,
         BLOCK_G=block_g, BLOCK_N=tiling.block_n, BLOCK_ND=tiling.decode_block_n,
         BLOCK_D=block_d, TRACE=trace is not None,
         DECODE_STAGES=tiling.decode_stages or tiling.num_stages, TMA=tma,
@@ -634,13 +658,23 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, tiling: PodTiling,
 
 
 def pod_units(chunk: int, num_heads: int, batch: int, num_kv_heads: int,
-              max_decode_len: int, tiling: PodTiling | None = None) -> tuple[int, int]:
-    """``(prefill tiles, decode splits)`` of a `pod_attention` launch, one program
-    each: ``ceil(chunk / block_m)`` per query head, and ``ceil(max_decode_len / split)``
-    per decode and KV head (`max_decode_len`: the launch's bound, at most ``Lmax``)."""
+              max_decode_len: int, tiling: PodTiling | None = None,
+              device: torch.device | str = "cuda") -> tuple[int, int]:
+    """``(prefill tiles, decode splits)`` of a `pod_attention` launch on `device`, one
+    program each: ``ceil(chunk / block_m)`` per query head, and ``ceil(max_decode_len /
+    split)`` per decode and KV head (`max_decode_len`: the launch's bound, at most
+    ``Lmax``; the split is `PodTiling.split_for` the device's SM count)."""
     tiling = tiling or PodTiling()
-    return (triton.cdiv(chunk, tiling.block_m) * num_heads,
-            batch * num_kv_heads * triton.cdiv(max_decode_len, tiling.split))
+    split = tiling.split or tiling.split_for(batch, num_kv_heads, max_decode_len,
+                                             _num_sms(torch.device(device)))
+    return _units(chunk, num_heads, batch, num_kv_heads, max_decode_len, tiling.block_m,
+                  split)
+
+
+def _units(chunk: int, num_heads: int, batch: int, num_kv_heads: int, max_decode_len: int,
+           block_m: int, split: int) -> tuple[int, int]:
+    return (triton.cdiv(chunk, block_m) * num_heads,
+            batch * num_kv_heads * triton.cdiv(max_decode_len, split))
 
 
 def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

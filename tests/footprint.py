@@ -90,9 +90,11 @@ def pod_footprint(tma: bool, shift: bool = False) -> dict[str, object]:
     """The fused kernel's, default tiling, for Llama-3-8B heads (32 / 8 / 128), bf16,
     50:50; `shift`: `PodTiling.tma_shift`."""
     t = PodTiling()
-    const = dict(NUM_HEADS=32, NUM_KV_HEADS=8, NUM_SPLITS=8, HEAD_DIM=128, HAS_SLOTS=True,
+    split = t.split_for(32, 8, 16384, 132)      # 32 decodes at 16K on 132 SMs
+    const = dict(NUM_HEADS=32, NUM_KV_HEADS=8, NUM_SPLITS=triton.cdiv(16384, split),
+                 HEAD_DIM=128, HAS_SLOTS=True,
                  POLICY=1, NUM_SM=132, UPCAST=False, PRECISION=None, INTERPRETED=False,
-                 SPLIT=t.split, BLOCK_M=t.block_m, BLOCK_G=16, BLOCK_N=t.block_n,
+                 SPLIT=split, BLOCK_M=t.block_m, BLOCK_G=16, BLOCK_N=t.block_n,
                  BLOCK_ND=t.decode_block_n, BLOCK_D=128,
                  DECODE_STAGES=t.decode_stages or t.num_stages, TRACE=False, TMA=tma,
                  SHIFT=shift)

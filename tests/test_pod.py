@@ -12,6 +12,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.test_kernels import (
     DEVICE,
@@ -26,7 +28,13 @@ from tests.test_kernels import (
 )
 from vattn import InvalidArgument, VirtualKVCache
 from vattn.kernels import decode_attention, pod_attention, pod_units
-from vattn.kernels.pod import POLICIES, PodTiling
+from vattn.kernels.pod import (
+    POLICIES,
+    SPLIT_BASE,
+    SPLIT_MAX,
+    SPLIT_UNITS_PER_SM,
+    PodTiling,
+)
 
 SMALL = PodTiling(block_m=16, block_n=16, decode_block_n=16, split=32)  # many units
 
@@ -287,6 +295,34 @@ def test_tiling_is_validated() -> None:
         PodTiling(decode_stages=0)
     with pytest.raises(ValueError, match="max_registers must be in"):
         PodTiling(max_registers=300)
+
+
+def test_the_default_split_follows_the_decodes_not_their_lengths() -> None:
+    """Few decodes keep the base split, many get longer ones (fewer partials to merge),
+    a set split is kept, and the launch's grid is the one `pod_units` counts."""
+    tiling = PodTiling()
+    assert tiling.split_for(8, 8, 4096, 132) == SPLIT_BASE
+    assert tiling.split_for(64, 8, 16384, 132) == SPLIT_MAX > SPLIT_BASE
+    assert tiling.split_for(64, 8, 1000, 132) == SPLIT_BASE    # one split a decode already
+    assert PodTiling(decode_block_n=4096).split_for(64, 8, 16384, 132) == 4096
+    assert PodTiling(split=96, decode_block_n=32).split_for(64, 8, 16384, 132) == 96
+    assert pod_units(64, 32, 64, 8, 16384, device="cpu") == (32, 64 * 8 * 16384 // SPLIT_MAX)
+    assert pod_units(64, 32, 64, 8, 16384, PodTiling(split=1024), device="cpu") == (
+        32, 64 * 8 * 16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.integers(1, 256), heads=st.integers(1, 16), length=st.integers(1, 2**17),
+       sms=st.integers(1, 200), block=st.sampled_from([16, 64, 128]))
+def test_the_default_split_is_the_longest_that_fills_the_sms(
+        batch: int, heads: int, length: int, sms: int, block: int) -> None:
+    split = PodTiling(decode_block_n=block).split_for(batch, heads, length, sms)
+    units = batch * heads * -(-length // split)
+    assert split % block == 0 and SPLIT_BASE <= split <= SPLIT_MAX
+    assert split == SPLIT_BASE or units >= SPLIT_UNITS_PER_SM * sms
+    longer = batch * heads * -(-length // (2 * split))
+    assert (split == SPLIT_MAX or split >= length
+            or longer < SPLIT_UNITS_PER_SM * sms)
 
 
 @pytest.mark.parametrize("stages", [1, 2])
