@@ -4,19 +4,18 @@
 # records predate a changed default. Each step has its own timeout so that one slow step
 # cannot take the call's whole limit. Logs and JSON under $OUT; the summaries print last.
 source "$(dirname "$0")/gpu_setup.sh"
-# On a fresh machine every kernel compiles: the suite took 99 s warm and over 220 s cold
-# (H100, aba6f1f). TESTS=0 leaves it to the next call.
-[ "${TESTS:-1}" = 0 ] || timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu -q tests 2>&1 \
-    | tee "$out/pytest.log" | tail -15
 # Case (b) at batch 8-32 (its launches keep 128-token tiles, the twin's too): the
 # token_major unequal rows against 85% of the read bandwidth, last at 84% / 83% (H200,
 # d1e6cff), since c5994db with a request's start counted as 2 tiles in the cut (timed
 # only in tune_decode's sweep on an H100 so far).
 timeout 90 python3 -m vattn bench decode --cases b --batches 8,16,32 --repeats 30 \
     --json "$out/decode-b.json" > "$out/decode-b.md" 2>&1
-# The fused kernel's decode split length over the whole grid of `vattn bench pod`: in the
-# four tuning cells (H200, tune-pod-h200.json) 4096 was 3-4% faster than the default
-# 2048 where the decodes are many, and 1.5-35% slower where they are few.
-timeout "${SWEEP_TIMEOUT:-300}" python3 benchmarks/tune_pod.py --grid split --cells grid \
+# The fused kernel's decode split over the whole grid of `vattn bench pod`: in the four
+# tuning cells (H200, tune-pod-h200.json) 4096 was 3-4% faster than 2048 where the
+# decodes are many and 1.5-35% slower where they are few; the default picks it from the
+# shape since 00c2646 (PodTiling.split_for).
+timeout "${SWEEP_TIMEOUT:-280}" python3 benchmarks/tune_pod.py --grid split --cells grid \
     --policies 50:50 --repeats 10 --json "$out/tune-pod-split.json" > "$out/tune-pod-split.md" 2>&1
+# The fused kernel's GPU tests at the new default (the whole suite: gpu_pending_2.sh).
+timeout 150 python3 -m pytest -m gpu -q tests/test_pod.py 2>&1 | tee "$out/pytest-pod.log" | tail -5
 tail -14 "$out/decode-b.md"; tail -3 "$out/tune-pod-split.md"
