@@ -10,7 +10,8 @@
   paged baseline, vLLM's block layout).
 - `pod_attention`: a prefill chunk and many decodes in one launch, prefill tiles and
   decode splits handed out at run time so both kinds share every SM (POD-Attention);
-  `pod_units` counts its programs (for its diagnostic trace).
+  `pod_units` counts its programs (for its diagnostic trace), `pod_split` gives its
+  decode split.
 
 Never import this folder as a top-level `kernels`: transformers probes for an unrelated
 package of that name.
@@ -37,8 +38,8 @@ from vattn.kernels.decode import (  # noqa: E402
 )
 from vattn.kernels.flash import FlashResult, available_backends, flash_attention  # noqa: E402
 from vattn.kernels.paged import paged_decode_attention  # noqa: E402
-from vattn.kernels.pod import PodTiling, pod_attention, pod_units  # noqa: E402
+from vattn.kernels.pod import PodTiling, pod_attention, pod_split, pod_units  # noqa: E402
 
 __all__ = ["FlashResult", "Tiling", "append_kv", "available_backends", "decode_attention",
            "default_tiling", "flash_attention", "num_splits_for", "paged_decode_attention",
-           "PodTiling", "pod_attention", "pod_units", "tiling_for"]
+           "PodTiling", "pod_attention", "pod_split", "pod_units", "tiling_for"]

@@ -665,10 +665,17 @@ def pod_units(chunk: int, num_heads: int, batch: int, num_kv_heads: int,
     split)`` per decode and KV head (`max_decode_len`: the launch's bound, at most
     ``Lmax``; the split is `PodTiling.split_for` the device's SM count)."""
     tiling = tiling or PodTiling()
-    split = tiling.split or tiling.split_for(batch, num_kv_heads, max_decode_len,
-                                             _num_sms(torch.device(device)))
     return _units(chunk, num_heads, batch, num_kv_heads, max_decode_len, tiling.block_m,
-                  split)
+                  pod_split(batch, num_kv_heads, max_decode_len, tiling, device))
+
+
+def pod_split(batch: int, num_kv_heads: int, max_decode_len: int,
+              tiling: PodTiling | None = None, device: torch.device | str = "cuda") -> int:
+    """The tokens per decode split of a `pod_attention` launch on `device`
+    (`PodTiling.split_for` its SM count)."""
+    tiling = tiling or PodTiling()
+    return tiling.split or tiling.split_for(batch, num_kv_heads, max_decode_len,
+                                            _num_sms(torch.device(device)))
 
 
 def _units(chunk: int, num_heads: int, batch: int, num_kv_heads: int, max_decode_len: int,

@@ -27,7 +27,7 @@ from tests.test_kernels import (
     relative_error,
 )
 from vattn import InvalidArgument, VirtualKVCache
-from vattn.kernels import decode_attention, pod_attention, pod_units
+from vattn.kernels import decode_attention, pod_attention, pod_split, pod_units
 from vattn.kernels.pod import (
     POLICIES,
     SPLIT_BASE,
@@ -306,6 +306,7 @@ def test_the_default_split_follows_the_decodes_not_their_lengths() -> None:
     assert tiling.split_for(64, 8, 1000, 132) == SPLIT_BASE    # one split a decode already
     assert PodTiling(decode_block_n=4096).split_for(64, 8, 16384, 132) == 4096
     assert PodTiling(split=96, decode_block_n=32).split_for(64, 8, 16384, 132) == 96
+    assert pod_split(64, 8, 16384, device="cpu") == tiling.split_for(64, 8, 16384, 2)
     assert pod_units(64, 32, 64, 8, 16384, device="cpu") == (32, 64 * 8 * 16384 // SPLIT_MAX)
     assert pod_units(64, 32, 64, 8, 16384, PodTiling(split=1024), device="cpu") == (
         32, 64 * 8 * 16)

@@ -213,6 +213,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> int:
+    from vattn.kernels import pod_split
+
     dev = resolve_device(device)
     if args.repeats < 1:
         raise InvalidArgument(f"--repeats must be >= 1, got {args.repeats}")
@@ -228,7 +230,8 @@ def run(args: argparse.Namespace, device: str, emit: Callable[[Any], None]) -> i
     rows: list[dict[str, Any]] = []
     for chunk, prefix, batch, context in grid:
         cell = Cell(dev, chunk, prefix, batch, context, **shape)
-        base = {"chunk": chunk, "prefix": prefix, "decode batch": batch, "context": context}
+        base = {"chunk": chunk, "prefix": prefix, "decode batch": batch, "context": context,
+                "decode split": pod_split(batch, cell.k.shape[2], context, device=dev)}
         rows.append(measure(cell, dev, args.policy, args.repeats, base))
         emit(common.markdown_table(rows[-1:]))
         del cell
