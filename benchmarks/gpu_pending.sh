@@ -14,8 +14,14 @@ timeout 90 python3 -m vattn bench decode --cases b --batches 8,16,32 --repeats 3
 # tuning cells (H200, tune-pod-h200.json) 4096 was 3-4% faster than 2048 where the
 # decodes are many and 1.5-35% slower where they are few; the default picks it from the
 # shape since 00c2646 (PodTiling.split_for).
-timeout "${SWEEP_TIMEOUT:-280}" python3 benchmarks/tune_pod.py --grid split --cells grid \
+# The rule moves only the cells with 32 or 64 decodes at 16K (4096 there); two more
+# cells check the boundary. POD_CELLS=grid sweeps all 54.
+cells="$(python3 -c 'import itertools; print(",".join([f"{c}:{p}:{b}:16384" for c, p, b in
+    itertools.product((512, 1024, 2048), (0, 4096, 16384), (32, 64))]
+    + ["1024:4096:8:16384", "1024:4096:64:4096"]))')"
+timeout "${SWEEP_TIMEOUT:-280}" python3 benchmarks/tune_pod.py --grid split \
+    --cells "${POD_CELLS:-$cells}" \
     --policies 50:50 --repeats 10 --json "$out/tune-pod-split.json" > "$out/tune-pod-split.md" 2>&1
 # The fused kernel's GPU tests at the new default (the whole suite: gpu_pending_2.sh).
-timeout 150 python3 -m pytest -m gpu -q tests/test_pod.py 2>&1 | tee "$out/pytest-pod.log" | tail -5
+timeout "${POD_TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q tests/test_pod.py 2>&1 | tee "$out/pytest-pod.log" | tail -5
 tail -14 "$out/decode-b.md"; tail -3 "$out/tune-pod-split.md"
