@@ -10,9 +10,9 @@ source "$(dirname "$0")/gpu_setup.sh"
 # only in tune_decode's sweep on an H100 so far).
 timeout 90 python3 -m vattn bench decode --cases b --batches 8,16,32 --repeats 30 \
     --json "$out/decode-b.json" > "$out/decode-b.md" 2>&1
-# The fused kernel's decode split over the whole grid of `vattn bench pod`: in the four
-# tuning cells (H200, tune-pod-h200.json) 4096 was 3-4% faster than 2048 where the
-# decodes are many and 1.5-35% slower where they are few; the default picks it from the
+# The fused kernel's decode split: in the four tuning cells (H200, tune-pod-h200.json,
+# 50:50) 4096 was 0.3% (balanced) and 3.4% (decode-heavy) faster than 2048 where the
+# decodes are many, and 3-35% slower where they are few; the default picks it from the
 # shape since 00c2646 (PodTiling.split_for).
 # The rule moves only the cells with 32 or 64 decodes at 16K (4096 there); two more
 # cells check the boundary. POD_CELLS=grid sweeps all 54.
