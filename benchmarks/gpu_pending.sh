@@ -12,8 +12,8 @@ timeout 90 python3 -m vattn bench decode --cases b --batches 8,16,32 --repeats 3
     --json "$out/decode-b.json" > "$out/decode-b.md" 2>&1
 # The fused kernel's decode split: in the four tuning cells (H200, tune-pod-h200.json,
 # 50:50) 4096 was 0.3% (balanced) and 3.4% (decode-heavy) faster than 2048 where the
-# decodes are many, and 3-35% slower where they are few; the default picks it from the
-# shape since 00c2646 (PodTiling.split_for).
+# decodes are many, and 3-35% slower where they are few; PodTiling(split=None) picks it
+# from the shape (PodTiling.split_for), off until this sweep.
 # The rule moves only the cells with 32 or 64 decodes at 16K (4096 there); two more
 # cells check the boundary. POD_CELLS=grid sweeps all 54.
 cells="$(python3 -c 'import itertools; print(",".join([f"{c}:{p}:{b}:16384" for c, p, b in

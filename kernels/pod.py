@@ -78,11 +78,12 @@ class PodTiling:
     """K/V tokens per inner tile of a prefill tile."""
     decode_block_n: int = 64
     """K/V tokens per inner tile of a decode split."""
-    split: int | None = None
-    """Tokens per decode split (a multiple of `decode_block_n`). None (default): chosen
-    from the decode batch, KV heads, the launch's `max_decode_len` and the SM count
+    split: int | None = 2048
+    """Tokens per decode split (a multiple of `decode_block_n`). None: chosen from the
+    decode batch, KV heads, the launch's `max_decode_len` and the SM count
     (`split_for`), never from the lengths, so a step can still be captured in a CUDA
-    graph."""
+    graph; an older sweep on four cells favours it (docs/benchmarks.md), and it becomes
+    the default once it is timed over `vattn bench pod`'s grid."""
     num_warps: int = 4
     num_stages: int = 3
     decode_stages: int | None = None

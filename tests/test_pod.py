@@ -297,27 +297,51 @@ def test_tiling_is_validated() -> None:
         PodTiling(max_registers=300)
 
 
-def test_the_default_split_follows_the_decodes_not_their_lengths() -> None:
+def test_the_split_from_the_shape_follows_the_decodes_not_their_lengths() -> None:
     """Few decodes keep the base split, many get longer ones (fewer partials to merge),
     a set split is kept, and the launch's grid is the one `pod_units` counts."""
-    tiling = PodTiling()
+    tiling = PodTiling(split=None)
+    assert PodTiling().split_for(64, 8, 16384, 132) == 2048     # the default: set
     assert tiling.split_for(8, 8, 4096, 132) == SPLIT_BASE
     assert tiling.split_for(64, 8, 16384, 132) == SPLIT_MAX > SPLIT_BASE
     assert tiling.split_for(64, 8, 1000, 132) == SPLIT_BASE    # one split a decode already
-    assert PodTiling(decode_block_n=4096).split_for(64, 8, 16384, 132) == 4096
+    assert PodTiling(split=None, decode_block_n=4096).split_for(64, 8, 16384, 132) == 4096
     assert PodTiling(split=96, decode_block_n=32).split_for(64, 8, 16384, 132) == 96
-    assert pod_split(64, 8, 16384, device="cpu") == tiling.split_for(64, 8, 16384, 2)
-    assert pod_units(64, 32, 64, 8, 16384, device="cpu") == (32, 64 * 8 * 16384 // SPLIT_MAX)
-    assert pod_units(64, 32, 64, 8, 16384, PodTiling(split=1024), device="cpu") == (
-        32, 64 * 8 * 16)
+    assert pod_split(64, 8, 16384, tiling, device="cpu") == tiling.split_for(64, 8, 16384, 2)
+    assert pod_units(64, 32, 64, 8, 16384, tiling, device="cpu") == (
+        32, 64 * 8 * 16384 // SPLIT_MAX)
+    assert pod_units(64, 32, 64, 8, 16384, device="cpu") == (32, 64 * 8 * 16384 // 2048)
+
+
+def test_a_launch_takes_the_split_from_the_shape() -> None:
+    """Split None: the launch's grid is the one `pod_units` counts for the device (the
+    trace must match it), and both kinds match the float32 reference; in the
+    interpreter (2 SMs) five decodes bounded by 8192 tokens get 4096-token splits."""
+    torch.manual_seed(11)
+    prefix, chunk, lengths, lmax = 40, 17, [1, 70, 2100, 0, 129], 8192
+    k, v = (torch.randn(len(lengths) + 1, lmax, HKV, D, device=DEVICE).to(torch.float16)
+            for _ in range(2))
+    qp = torch.randn(chunk, 2 * HKV, D, device=DEVICE).to(torch.float16)
+    qd = torch.randn(len(lengths), 2 * HKV, D, device=DEVICE).to(torch.float16)
+    tiling = PodTiling(split=None, block_m=16, block_n=16, decode_block_n=64)
+    if DEVICE == "cpu":
+        assert pod_split(len(lengths), HKV, lmax, tiling, device=DEVICE) == 4096
+    trace = torch.zeros(sum(pod_units(chunk, 2 * HKV, len(lengths), HKV, lmax, tiling,
+                                      device=DEVICE)), 5, dtype=torch.int64, device=DEVICE)
+    slots = list(range(1, len(lengths) + 1))
+    op, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
+                           tiling=tiling, trace=trace)
+    assert worst_row_error(od, reference(qd, k, v, lengths, slots, [0] * len(lengths),
+                                         D ** -0.5)) < 1e-2
+    assert worst_row_error(op, causal_reference(qp, k, v, 0, prefix, D ** -0.5)) < 1e-2
 
 
 @settings(max_examples=200, deadline=None)
 @given(batch=st.integers(1, 256), heads=st.integers(1, 16), length=st.integers(1, 2**17),
        sms=st.integers(1, 200), block=st.sampled_from([16, 64, 128]))
-def test_the_default_split_is_the_longest_that_fills_the_sms(
+def test_the_split_from_the_shape_is_the_longest_that_fills_the_sms(
         batch: int, heads: int, length: int, sms: int, block: int) -> None:
-    split = PodTiling(decode_block_n=block).split_for(batch, heads, length, sms)
+    split = PodTiling(split=None, decode_block_n=block).split_for(batch, heads, length, sms)
     units = batch * heads * -(-length // split)
     assert split % block == 0 and SPLIT_BASE <= split <= SPLIT_MAX
     assert split == SPLIT_BASE or units >= SPLIT_UNITS_PER_SM * sms
