@@ -21,7 +21,7 @@ import triton
 
 from vattn.bench import common
 from vattn.bench.pod import Cell
-from vattn.kernels.pod import PodTiling, _pod_kernel, pod_attention
+from vattn.kernels.pod import PodTiling, _pod_kernel, pod_attention, pod_split
 
 # (chunk, prefix, decode batch, context): prefill-heavy, balanced, decode-heavy
 CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
@@ -76,7 +76,9 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
           policies: list[str], repeats: int) -> list[dict[str, Any]]:
     chunk, prefix, batch, context = cell_shape
     cell = Cell(torch.device("cuda"), chunk, prefix, batch, context)
-    base = {"cell": f"c{chunk} p{prefix} b{batch} x{context}"}
+    base = {"cell": f"c{chunk} p{prefix} b{batch} x{context}",
+            "split from the shape": pod_split(batch, cell.k.shape[2], context,
+                                              PodTiling(split=None))}
     best_p = min((_graph_us(fn, repeats), name) for name, fn in cell.prefill_kernels().items())
     best_d = min((_graph_us(fn, repeats), name) for name, fn in cell.decode_kernels().items())
     ref_p, ref_d = (o.float() for o in pod_attention(
