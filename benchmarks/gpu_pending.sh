@@ -22,6 +22,7 @@ cells="$(python3 -c 'import itertools; print(",".join([f"{c}:{p}:{b}:16384" for 
 timeout "${SWEEP_TIMEOUT:-280}" python3 benchmarks/tune_pod.py --grid split \
     --cells "${POD_CELLS:-$cells}" \
     --policies 50:50 --repeats 10 --json "$out/tune-pod-split.json" > "$out/tune-pod-split.md" 2>&1
-# The fused kernel's GPU tests at the new default (the whole suite: gpu_pending_2.sh).
+# The fused kernel's GPU tests (its sweep includes split=None; the whole suite:
+# gpu_pending_2.sh).
 timeout "${POD_TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q tests/test_pod.py 2>&1 | tee "$out/pytest-pod.log" | tail -5
 tail -14 "$out/decode-b.md"; tail -3 "$out/tune-pod-split.md"

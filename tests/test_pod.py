@@ -299,7 +299,7 @@ def test_tiling_is_validated() -> None:
 
 def test_the_split_from_the_shape_follows_the_decodes_not_their_lengths() -> None:
     """Few decodes keep the base split, many get longer ones (fewer partials to merge),
-    a set split is kept, and the launch's grid is the one `pod_units` counts."""
+    a set split is kept, and `pod_units` counts with the split `pod_split` gives."""
     tiling = PodTiling(split=None)
     assert PodTiling().split_for(64, 8, 16384, 132) == 2048     # the default: set
     assert tiling.split_for(8, 8, 4096, 132) == SPLIT_BASE
@@ -501,7 +501,8 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int,
         assert relative_error(op, flash.float()) < 1e-2, policy
         assert relative_error(op[rows], ref[rows]) < 1e-2, policy
     for tiling in (PodTiling(tma=False), PodTiling(tma_shift=False),
-                   PodTiling(block_n=32, decode_block_n=32, max_registers=168)):
+                   PodTiling(block_n=32, decode_block_n=32, max_registers=168),
+                   PodTiling(split=None)):     # 4096-token splits in two of the cells
         op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots, tiling=tiling)
         assert relative_error(od, alone.float()) < 1e-2, tiling
         assert relative_error(op, flash.float()) < 1e-2, tiling
