@@ -675,6 +675,7 @@ def pod_split(batch: int, num_kv_heads: int, max_decode_len: int,
     """The tokens per decode split of a `pod_attention` launch on `device`
     (`PodTiling.split_for` its SM count)."""
     tiling = tiling or PodTiling()
+    # A set split needs no SM count: no device is queried (a CPU-only host included).
     return tiling.split or tiling.split_for(batch, num_kv_heads, max_decode_len,
                                             _num_sms(torch.device(device)))
 
