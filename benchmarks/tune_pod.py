@@ -28,20 +28,21 @@ CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
          (1024, 0, 8, 4096)]
 
 
-def tilings(grid: str) -> list[PodTiling]:
+def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[PodTiling]:
     """``full``: prefill K/V tile x decode K/V tile x stages, then the decode split, at
     64-token query blocks and 4 warps (8 warps and 128-token query blocks lose: one
     program per SM); ``stages``: the decode split's pipelining depth (1, 2, and the
     default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
     three or four programs fit on an SM (32-token tiles, ``max_registers``);
     ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`, the
-    default) against copied whole; ``split``: decode splits of 2048, 4096 and 8192
-    tokens (``split=None`` picks one from the shape, `PodTiling.split_for`; 1024 was never
-    more than 0.9% ahead of 2048 in the ``full`` sweep); ``quick``: the default only."""
+    default) against copied whole; ``split``: decode splits of `splits` tokens
+    (``--splits``; ``split=None`` picks one from the shape, `PodTiling.split_for`; 1024
+    was never more than 0.9% ahead of 2048 in the ``full`` sweep); ``quick``: the default
+    only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "split":
-        return [PodTiling(split=s) for s in (2048, 4096, 8192)]
+        return [PodTiling(split=s) for s in splits]
     if grid == "shift":
         return [PodTiling(tma=True, tma_shift=False), PodTiling(tma=True)]
     if grid == "occupancy":
@@ -148,15 +149,20 @@ def main() -> None:
     parser.add_argument("--grid", default="full",
                         choices=("full", "stages", "occupancy", "shift", "split", "quick"))
     parser.add_argument("--policies", default="proportional,50:50")
+    parser.add_argument("--splits", default="2048,4096,8192",
+                        help="--grid split: the decode splits timed, in tokens")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cells", default=None,
                         help="'grid' (every cell of `vattn bench pod`) or "
                              "CHUNK:PREFIX:BATCH:CONTEXT,...; default four cells")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    splits = tuple(int(v) for v in args.splits.split(","))
+    if any(s <= 0 for s in splits):
+        raise SystemExit(f"--splits: positive token counts, got {args.splits!r}")
     emit = functools.partial(print, flush=True)
     header = common.script_header("tune_pod", emit)
-    configs = tilings(args.grid)
+    configs = tilings(args.grid, splits)
     if PodTiling() not in configs:
         configs.append(PodTiling())
     done: list[dict[str, Any]] = []
