@@ -85,7 +85,15 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
     ref_p, ref_d = (o.float() for o in pod_attention(
         cell.qp, cell.qd, cell.k, cell.v, 0, prefix, cell.lens, cell.slots))
     rows = []
+    seen = set()
     for tiling in configs:
+        # Splits at or past the cell's context all run one unit a decode: time the first.
+        whole = tiling.split is not None and tiling.split >= context
+        key = _name(tiling).replace(f" s{tiling.split} ", " s-whole ") if whole else _name(tiling)
+        if key in seen:
+            print(f"{base['cell']} {_name(tiling)}: as {key}, not timed again", flush=True)
+            continue
+        seen.add(key)
         compiled = common.compiled_footprints(_pod_kernel)
         try:
             got_p, got_d = pod_attention(cell.qp, cell.qd, cell.k, cell.v, 0, prefix,
