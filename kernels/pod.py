@@ -59,9 +59,9 @@ from vattn.kernels.decode import (
     require_runnable,
 )
 
-SPLIT_BASE, SPLIT_MAX, SPLIT_UNITS_PER_SM = 2048, 4096, 4
+SPLIT_BASE, SPLIT_MAX, SPLIT_SMS_PER_UNIT = 2048, 8192, 2
 """`PodTiling.split_for`'s rule: decode splits of SPLIT_BASE tokens, doubled up to
-SPLIT_MAX while every SM still gets SPLIT_UNITS_PER_SM of them."""
+SPLIT_MAX while there is still a split for every SPLIT_SMS_PER_UNIT SMs."""
 
 Policy = Literal["proportional", "50:50", "partitioned", "paired"]
 POLICIES: tuple[Policy, ...] = ("proportional", "50:50", "partitioned", "paired")
@@ -78,12 +78,13 @@ class PodTiling:
     """K/V tokens per inner tile of a prefill tile."""
     decode_block_n: int = 64
     """K/V tokens per inner tile of a decode split."""
-    split: int | None = 2048
-    """Tokens per decode split (a multiple of `decode_block_n`). None: chosen from the
-    decode batch, KV heads, the launch's `max_decode_len` and the SM count
+    split: int | None = None
+    """Tokens per decode split (a multiple of `decode_block_n`). None (default): chosen
+    from the decode batch, KV heads, the launch's `max_decode_len` and the SM count
     (`split_for`), never from the lengths, so a step can still be captured in a CUDA
-    graph; an older sweep on four cells favours it (docs/benchmarks.md), and it becomes
-    the default once it is timed over `vattn bench pod`'s grid."""
+    graph. On an H100 the splits it picks (8192 tokens at 16K) made the fused launch
+    up to 17% faster than a fixed 2048 (`tune_pod.py --grid split`,
+    docs/benchmarks.md)."""
     num_warps: int = 4
     num_stages: int = 3
     decode_stages: int | None = None
@@ -135,15 +136,16 @@ class PodTiling:
     def split_for(self, batch: int, num_kv_heads: int, max_decode_len: int,
                   num_sms: int) -> int:
         """The decode split of a launch: `split` where set; otherwise SPLIT_BASE tokens
-        (at least `decode_block_n`), doubled up to SPLIT_MAX while the decodes still
-        leave SPLIT_UNITS_PER_SM splits an SM and a split shorter than
-        `max_decode_len`. Longer splits cost fewer partials, queries and merges, shorter
-        ones fill the SMs; docs/benchmarks.md has the sweep behind the constants."""
+        (at least `decode_block_n`), doubled up to SPLIT_MAX while the split is shorter
+        than `max_decode_len` and the doubled one still leaves a split for every
+        SPLIT_SMS_PER_UNIT SMs. Longer splits cost fewer partials, queries, pipeline
+        fills and merges; the SMs a decode split leaves idle take prefill tiles.
+        docs/benchmarks.md has the sweep behind the constants."""
         if self.split is not None:
             return self.split
         split = max(SPLIT_BASE, self.decode_block_n)
-        while (split < min(SPLIT_MAX, max_decode_len) and batch * num_kv_heads
-               * triton.cdiv(max_decode_len, 2 * split) >= SPLIT_UNITS_PER_SM * num_sms):
+        while (split < min(SPLIT_MAX, max_decode_len) and SPLIT_SMS_PER_UNIT * batch
+               * num_kv_heads * triton.cdiv(max_decode_len, 2 * split) >= num_sms):
             split *= 2
         return split
 

@@ -32,7 +32,7 @@ from vattn.kernels.pod import (
     POLICIES,
     SPLIT_BASE,
     SPLIT_MAX,
-    SPLIT_UNITS_PER_SM,
+    SPLIT_SMS_PER_UNIT,
     PodTiling,
 )
 
@@ -300,32 +300,36 @@ def test_tiling_is_validated() -> None:
 def test_the_split_from_the_shape_follows_the_decodes_not_their_lengths() -> None:
     """Few decodes keep the base split, many get longer ones (fewer partials to merge),
     a set split is kept, and `pod_units` counts with the split `pod_split` gives."""
-    tiling = PodTiling(split=None)
-    assert PodTiling().split_for(64, 8, 16384, 132) == 2048     # the default: set
-    assert tiling.split_for(8, 8, 4096, 132) == SPLIT_BASE
+    tiling = PodTiling()
+    assert tiling.split is None                                 # the default: the rule
+    assert tiling.split_for(8, 8, 4096, 132) == SPLIT_BASE      # 64 splits of 4096: too few
+    assert tiling.split_for(8, 8, 16384, 132) == 8192           # 128 of 8192: enough
     assert tiling.split_for(64, 8, 16384, 132) == SPLIT_MAX > SPLIT_BASE
+    assert tiling.split_for(64, 8, 4096, 132) == 4096           # one a decode, no longer
     assert tiling.split_for(64, 8, 1000, 132) == SPLIT_BASE    # one split a decode already
-    assert PodTiling(split=None, decode_block_n=4096).split_for(64, 8, 16384, 132) == 4096
+    assert PodTiling(decode_block_n=16384).split_for(64, 8, 65536, 132) == 16384
+    assert PodTiling(split=2048).split_for(64, 8, 16384, 132) == 2048
     assert PodTiling(split=96, decode_block_n=32).split_for(64, 8, 16384, 132) == 96
     assert pod_split(64, 8, 16384, tiling, device="cpu") == tiling.split_for(64, 8, 16384, 2)
-    assert pod_units(64, 32, 64, 8, 16384, tiling, device="cpu") == (
-        32, 64 * 8 * 16384 // SPLIT_MAX)
-    assert pod_units(64, 32, 64, 8, 16384, device="cpu") == (32, 64 * 8 * 16384 // 2048)
+    assert pod_units(64, 32, 64, 8, 16384, device="cpu") == (32, 64 * 8 * 16384 // SPLIT_MAX)
+    assert pod_units(64, 32, 64, 8, 16384, PodTiling(split=2048), device="cpu") == (
+        32, 64 * 8 * 16384 // 2048)
 
 
 def test_a_launch_takes_the_split_from_the_shape() -> None:
     """Split None: the launch's grid is the one `pod_units` counts for the device (the
     trace must match it), and both kinds match the float32 reference; in the
-    interpreter (2 SMs) five decodes bounded by 8192 tokens get 4096-token splits."""
+    interpreter (2 SMs) five decodes bounded by 16384 tokens get splits of SPLIT_MAX
+    (8192), two of them live in the decode of 8300 tokens."""
     torch.manual_seed(11)
-    prefix, chunk, lengths, lmax = 40, 17, [1, 70, 2100, 0, 129], 8192
+    prefix, chunk, lengths, lmax = 40, 17, [1, 70, 8300, 0, 129], 16384
     k, v = (torch.randn(len(lengths) + 1, lmax, HKV, D, device=DEVICE).to(torch.float16)
             for _ in range(2))
     qp = torch.randn(chunk, 2 * HKV, D, device=DEVICE).to(torch.float16)
     qd = torch.randn(len(lengths), 2 * HKV, D, device=DEVICE).to(torch.float16)
     tiling = PodTiling(split=None, block_m=16, block_n=16, decode_block_n=64)
     if DEVICE == "cpu":
-        assert pod_split(len(lengths), HKV, lmax, tiling, device=DEVICE) == 4096
+        assert pod_split(len(lengths), HKV, lmax, tiling, device=DEVICE) == SPLIT_MAX
     trace = torch.zeros(sum(pod_units(chunk, 2 * HKV, len(lengths), HKV, lmax, tiling,
                                       device=DEVICE)), 5, dtype=torch.int64, device=DEVICE)
     slots = list(range(1, len(lengths) + 1))
@@ -344,10 +348,10 @@ def test_the_split_from_the_shape_is_the_longest_that_fills_the_sms(
     split = PodTiling(split=None, decode_block_n=block).split_for(batch, heads, length, sms)
     units = batch * heads * -(-length // split)
     assert split % block == 0 and SPLIT_BASE <= split <= SPLIT_MAX
-    assert split == SPLIT_BASE or units >= SPLIT_UNITS_PER_SM * sms
+    assert split == SPLIT_BASE or SPLIT_SMS_PER_UNIT * units >= sms
     longer = batch * heads * -(-length // (2 * split))
     assert (split == SPLIT_MAX or split >= length
-            or longer < SPLIT_UNITS_PER_SM * sms)
+            or SPLIT_SMS_PER_UNIT * longer < sms)
 
 
 @pytest.mark.parametrize("stages", [1, 2])
