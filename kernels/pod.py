@@ -83,7 +83,7 @@ class PodTiling:
     from the decode batch, KV heads, the launch's `max_decode_len` and the SM count
     (`split_for`), never from the lengths, so a step can still be captured in a CUDA
     graph. On an H100 the splits it picks (8192 tokens at 16K) made the fused launch
-    up to 17% faster than a fixed 2048 (`tune_pod.py --grid split`,
+    3-20% faster than a fixed 2048 in 20 cells (`tune_pod.py --grid split`,
     docs/benchmarks.md)."""
     num_warps: int = 4
     num_stages: int = 3
