@@ -34,7 +34,8 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     program per SM); ``stages``: the decode split's pipelining depth (1, 2, and the
     default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
     three or four programs fit on an SM (32-token tiles, ``max_registers``);
-    ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`, the
+    ``decode-tile``: 32- and 128-token decode tiles (128 also with 2 stages), at the
+    split from the shape; ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`, the
     default) against copied whole; ``split``: decode splits of `splits` tokens
     (``--splits``; ``split=None`` picks one from the shape, `PodTiling.split_for`; 1024
     was never more than 0.9% ahead of 2048 in the ``full`` sweep); ``quick``: the default
@@ -43,6 +44,9 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
         return [PodTiling()]
     if grid == "split":
         return [PodTiling(split=s) for s in splits]
+    if grid == "decode-tile":
+        return [PodTiling(decode_block_n=32), PodTiling(decode_block_n=128),
+                PodTiling(decode_block_n=128, decode_stages=2)]
     if grid == "shift":
         return [PodTiling(tma=True, tma_shift=False), PodTiling(tma=True)]
     if grid == "occupancy":
@@ -155,7 +159,8 @@ def _cells(text: str | None) -> list[tuple[int, int, int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="full",
-                        choices=("full", "stages", "occupancy", "shift", "split", "quick"))
+                        choices=("full", "stages", "occupancy", "shift", "split", "decode-tile",
+                                 "quick"))
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--splits", default="2048,4096,8192",
                         help="--grid split: the decode splits timed, in tokens")
