@@ -35,11 +35,11 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
     three or four programs fit on an SM (32-token tiles, ``max_registers``);
     ``decode-tile``: 32- and 128-token decode tiles (128 also with 2 stages), at the
-    split from the shape; ``shift``: TMA boxes that cross a length shifted back (`PodTiling.tma_shift`, the
-    default) against copied whole; ``split``: decode splits of `splits` tokens
-    (``--splits``; ``split=None`` picks one from the shape, `PodTiling.split_for`; 1024
-    was never more than 0.9% ahead of 2048 in the ``full`` sweep); ``quick``: the default
-    only."""
+    split from the shape; ``shift``: TMA boxes that cross a length shifted back
+    (`PodTiling.tma_shift`, the default) against copied whole; ``split``: decode splits
+    of `splits` tokens (``--splits``; ``split=None`` picks one from the shape,
+    `PodTiling.split_for`; 1024 was never more than 0.9% ahead of 2048 in the ``full``
+    sweep); ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "split":
