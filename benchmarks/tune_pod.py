@@ -170,8 +170,11 @@ def main() -> None:
                              "CHUNK:PREFIX:BATCH:CONTEXT,...; default four cells")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    splits = tuple(int(v) for v in args.splits.split(","))
-    if any(s <= 0 for s in splits):
+    try:
+        splits = tuple(int(v) for v in args.splits.split(","))
+    except ValueError:
+        splits = ()
+    if not splits or any(s <= 0 for s in splits):
         raise SystemExit(f"--splits: positive token counts, got {args.splits!r}")
     emit = functools.partial(print, flush=True)
     header = common.script_header("tune_pod", emit)

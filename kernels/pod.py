@@ -82,8 +82,9 @@ class PodTiling:
     """Tokens per decode split (a multiple of `decode_block_n`). None (default): chosen
     from the decode batch, KV heads, the launch's `max_decode_len` and the SM count
     (`split_for`), never from the lengths, so a step can still be captured in a CUDA
-    graph. On an H100 the splits it picks (8192 tokens at 16K) made the fused launch
-    3-20% faster than a fixed 2048 in 20 cells (`tune_pod.py --grid split`,
+    graph. On an H100 it made the fused launch 3-20% faster than a fixed 2048 in 20
+    cells of `vattn bench pod`'s grid (18 with 32-64 decodes at 16K), and 1.14x against
+    1.11x over back to back on the geomean of the other 36 (`tune_pod.py --grid split`,
     docs/benchmarks.md)."""
     num_warps: int = 4
     num_stages: int = 3
