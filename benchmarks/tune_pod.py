@@ -82,8 +82,7 @@ def sweep(cell_shape: tuple[int, int, int, int], configs: list[PodTiling],
     chunk, prefix, batch, context = cell_shape
     cell = Cell(torch.device("cuda"), chunk, prefix, batch, context)
     base = {"cell": f"c{chunk} p{prefix} b{batch} x{context}",
-            "split from the shape": pod_split(batch, cell.k.shape[2], context,
-                                              PodTiling(split=None))}
+            "split from the shape": pod_split(batch, cell.k.shape[2], context)}
     best_p = min((_graph_us(fn, repeats), name) for name, fn in cell.prefill_kernels().items())
     best_d = min((_graph_us(fn, repeats), name) for name, fn in cell.decode_kernels().items())
     ref_p, ref_d = (o.float() for o in pod_attention(
