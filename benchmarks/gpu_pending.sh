@@ -2,14 +2,24 @@
 # One device call for what was written or changed on a CPU and waits for a GPU
 # (docs/benchmarks.md says which). Each step has its own timeout so that one slow step
 # cannot take the call's whole limit. Logs and JSON under $OUT; the summaries print last.
-# Carry .fa3 so that `vattn bench pod` has FlashAttention-3 among its baselines. Owed on
-# an H200 (the last H200 records predate both defaults; on an H100 both ran at 505ae32 /
-# 9cff1fd): case (b) since row_cost=2 (c5994db), and `vattn bench pod` since the split
-# from the shape (6627461).
+# Now: the pod GPU tests with `PodTiling.decode_lanes` in the sweep test, then the lanes
+# grid of tune_pod.py over the 54 cells of `vattn bench pod` (the default first).
 source "$(dirname "$0")/gpu_setup.sh"
-timeout "${POD_TEST_TIMEOUT:-140}" python3 -m pytest -m gpu -q tests/test_pod.py 2>&1 | tee "$out/pytest-pod.log" | tail -3
-timeout "${DECODE_TIMEOUT:-90}" python3 -m vattn bench decode --cases b --batches 8,16,32 \
-    --repeats 30 --json "$out/decode-b.json" > "$out/decode-b.md" 2>&1
-timeout "${BENCH_TIMEOUT:-200}" python3 -m vattn bench pod --policy 50:50 --json "$out/pod-50-50.json" \
-    --plot "$out/pod-50-50.png" > "$out/pod-50-50.md" 2>&1
-tail -14 "$out/decode-b.md"; tail -3 "$out/pod-50-50.md"
+timeout "${POD_TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q tests/test_pod.py 2>&1 | tee "$out/pytest-pod.log" | tail -3
+timeout "${SWEEP_TIMEOUT:-380}" python3 benchmarks/tune_pod.py --grid lanes --cells "${CELLS:-grid}" \
+    --policies 50:50 --repeats 10 --json "$out/tune-pod-lanes.json" > "$out/tune-pod-lanes.log" 2>&1
+python3 - "$out/tune-pod-lanes.json" <<'PY'
+import json, math, sys, collections
+rows = json.load(open(sys.argv[1]))["rows"]
+by = collections.defaultdict(dict)
+for r in rows:
+    by[r["tiling"]][r["cell"]] = r
+base = next(t for t in by if "lanes" not in t)
+for t, cells in by.items():
+    common = [c for c in cells if c in by[base]]
+    g = math.exp(sum(math.log(cells[c]["vs serial"]) for c in common) / len(common))
+    rel = [by[base][c]["pod us"] / cells[c]["pod us"] for c in common]
+    gd = math.exp(sum(math.log(by[base][c]["pod decode us"] / cells[c]["pod decode us"]) for c in common) / len(common))
+    print(f"{t:45s} cells {len(common):2d} vs b2b {g:.3f} min {min(cells[c]['vs serial'] for c in common):.3f}"
+          f" speed vs default {math.exp(sum(map(math.log, rel)) / len(rel)):.3f} ({min(rel):.3f}/{max(rel):.3f}) decode half {gd:.3f}")
+PY

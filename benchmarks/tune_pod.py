@@ -39,7 +39,9 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     (`PodTiling.tma_shift`, the default) against copied whole; ``split``: decode splits
     of `splits` tokens (``--splits``; ``split=None`` picks one from the shape,
     `PodTiling.split_for`; 1024 was never more than 0.9% ahead of 2048 in the ``full``
-    sweep); ``quick``: the default only."""
+    sweep); ``lanes``: the default, then a softmax per warp in the decode splits
+    (`PodTiling.decode_lanes`) with 64-token decode tiles and with 128 at 2 stages;
+    ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "split":
@@ -56,6 +58,9 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
                 dataclasses.replace(short, max_registers=168, tma=True),
                 dataclasses.replace(short, num_stages=2, max_registers=128),
                 dataclasses.replace(short, num_stages=2, max_registers=128, tma=True)]
+    if grid == "lanes":
+        return [PodTiling(), PodTiling(decode_lanes=True),
+                PodTiling(decode_lanes=True, decode_block_n=128, decode_stages=2)]
     if grid == "stages":
         return [PodTiling(decode_stages=1), PodTiling(decode_stages=2)]
     return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
@@ -70,7 +75,8 @@ def _name(t: PodTiling) -> str:
             f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else "")
             + {None: "", True: " tma", False: " no-tma"}[t.tma]
             + (" shift" if t.tma_shift else "")
-            + (f" r{t.max_registers}" if t.max_registers else ""))
+            + (f" r{t.max_registers}" if t.max_registers else "")
+            + (" lanes" if t.decode_lanes else ""))
 
 
 def _graph_us(fn: Any, repeats: int) -> float:
@@ -159,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="full",
                         choices=("full", "stages", "occupancy", "shift", "split", "decode-tile",
-                                 "quick"))
+                                 "lanes", "quick"))
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--splits", default="2048,4096,8192",
                         help="--grid split: the decode splits timed, in tokens")

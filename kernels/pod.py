@@ -92,6 +92,13 @@ class PodTiling:
     """Software-pipelining depth of a decode split's tile loop (default `num_stages`);
     1 loads its K/V tiles without staging buffers. On an H200, 1 and 2 made the
     decodes 9-88% slower and the fused launch no better (docs/benchmarks.md)."""
+    decode_lanes: bool = False
+    """Give each warp of a decode split its own online softmax over its share of every
+    K/V tile (``decode_block_n / num_warps`` tokens: a batched dot, one batch entry a
+    warp), and fold the warps' partials once, after the split's last tile. The
+    row-wise max and sum of a tile then stay inside a warp: compiled for sm_90, the
+    loop of a 64-token tile has 3 barriers instead of 9 and no shared-memory round trip
+    for the reductions. Needs ``decode_block_n >= 16 * num_warps``."""
     decode_sms: float = 0.5
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
@@ -129,6 +136,10 @@ class PodTiling:
         if self.num_stages < 1 or (self.decode_stages is not None and self.decode_stages < 1):
             raise ValueError(f"num_stages and decode_stages must be >= 1, got "
                              f"{self.num_stages} and {self.decode_stages}")
+        if self.decode_lanes and self.decode_block_n < 16 * self.num_warps:
+            raise ValueError(f"decode_lanes needs decode_block_n >= {16 * self.num_warps} "
+                             f"(16 tokens for each of {self.num_warps} warps), got "
+                             f"{self.decode_block_n}")
         if not 0.0 <= self.decode_sms <= 1.0:
             raise ValueError(f"decode_sms must be in [0, 1], got {self.decode_sms}")
         if self.max_registers is not None and not 24 <= self.max_registers <= 255:
@@ -283,6 +294,59 @@ def _decode_block_tma(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _decode_block_lanes(  # type: ignore[no-untyped-def]
+    q3, k_desc, v_desc, k_base, v_base, slot, kv_head, box, start, end, m_i, l_i, acc,
+    stride_kl, stride_vl, qk_scale, MASKED, LANES: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr,
+):
+    """The online-softmax step of one decode K/V tile of tokens ``[box, box + BLOCK_N)``
+    (``[start, end)`` count) in LANES lanes: lane i takes the tile's i-th run of
+    ``BLOCK_N / LANES`` tokens into its own running max `m_i` ``[LANES, G]``, sum `l_i`
+    and output `acc` ``[LANES, G, D]``; the batched dots put one lane on each warp, so
+    no reduction crosses warps. The TMA copies the tile as `_decode_block_tma` does;
+    without it, a masked load per thread reads only tokens before `end`. A lane whose
+    tokens are all masked, with none before, stays empty (its max -inf, its sum 0)."""
+    pos = box + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if TMA:
+        n_mask = pos >= start if SHIFT else pos < end
+        kv_mask = n_mask[:, None]
+    else:
+        n_mask = pos < end
+        kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    pos64 = pos.to(tl.int64)[:, None]
+    k = _kv_tile(k_desc, k_base + pos64 * stride_kl + offs_d[None, :], kv_mask, slot, box,
+                 kv_head, MASKED, TMA, BLOCK_N, BLOCK_D)
+    if UPCAST:
+        k = k.to(tl.float32)
+    k = k.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
+    qk = tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        qk = tl.where(n_mask.reshape(LANES, 1, BLOCK_N // LANES), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 2))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0) if MASKED else m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, :, None])
+    v = _kv_tile(v_desc, v_base + pos64 * stride_vl + offs_d[None, :], kv_mask, slot, box,
+                 kv_head, MASKED, TMA, BLOCK_N, BLOCK_D)
+    if UPCAST:
+        v = v.to(tl.float32)
+    v = v.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
+    acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 2), acc
+
+
+@triton.jit
+def _fold_lanes(m_i, l_i, acc):  # type: ignore[no-untyped-def]
+    """One partial ``(m [G], l [G], acc [G, D])`` of the lanes' ``[LANES, ...]``."""
+    m = tl.max(m_i, 0)
+    m_safe = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.where(m_i > float("-inf"), tl.exp2(m_i - m_safe[None, :]), 0.0)
+    return m, tl.sum(l_i * w, 0), tl.sum(acc * w[:, :, None], 0)
+
+
+@triton.jit
 def _prefill_block(  # type: ignore[no-untyped-def]
     q, k_base, v_base, k_offs, v_offs, k_desc, v_desc, slot, kv_head, block, last, end,
     limit, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, offs_n, d_mask, MASKED,
@@ -321,6 +385,44 @@ def _prefill_block(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _decode_lanes(  # type: ignore[no-untyped-def]
+    q, k_desc, v_desc, k_base, v_base, slot, kv_head, lo, span, end, stride_kl, stride_vl,
+    qk_scale, LANES: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr,
+    SHIFT: tl.constexpr,
+):
+    """A decode split's `span` tokens from `lo` (`PodTiling.decode_lanes`): the whole
+    tiles, then the partial one, in LANES lanes; returns their folded ``(m, l, acc)``."""
+    q3 = tl.broadcast_to(q[None, :, :], [LANES, BLOCK_G, BLOCK_D])
+    m_i = tl.full([LANES, BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([LANES, BLOCK_G], tl.float32)
+    acc = tl.zeros([LANES, BLOCK_G, BLOCK_D], tl.float32)
+    whole = span // BLOCK_N
+    if INTERPRETED:
+        block = 0
+        while block < whole:
+            m_i, l_i, acc = _decode_block_lanes(
+                q3, k_desc, v_desc, k_base, v_base, slot, kv_head, lo + block * BLOCK_N,
+                lo + block * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
+                False, LANES, HEAD_DIM, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
+            block += 1
+    else:
+        for block in tl.range(0, whole, num_stages=STAGES):
+            m_i, l_i, acc = _decode_block_lanes(
+                q3, k_desc, v_desc, k_base, v_base, slot, kv_head, lo + block * BLOCK_N,
+                lo + block * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
+                False, LANES, HEAD_DIM, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
+    if span % BLOCK_N:      # TMA and SHIFT: the box ending at the split's last token
+        m_i, l_i, acc = _decode_block_lanes(
+            q3, k_desc, v_desc, k_base, v_base, slot, kv_head,
+            lo + span - BLOCK_N if TMA and SHIFT else lo + whole * BLOCK_N,
+            lo + whole * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, True,
+            LANES, HEAD_DIM, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
+    return _fold_lanes(m_i, l_i, acc)
+
+
+@triton.jit
 def _decode_split(  # type: ignore[no-untyped-def]
     unit, qd_ptr, od_ptr, k_ptr, v_ptr, k_desc, v_desc, lens_ptr, slots_ptr, part_ptr, lse_ptr,
     arrive_ptr, num_slots, max_len,
@@ -330,7 +432,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr, LANES: tl.constexpr,
 ):
     """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
     a partial over its tokens; the last of the request's live splits (those holding
@@ -365,7 +467,13 @@ def _decode_split(  # type: ignore[no-untyped-def]
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if TMA:     # whole tiles unmasked, then the partial one
+        if LANES > 1:
+            m_i, l_i, acc = _decode_lanes(
+                q, k_desc, v_desc, k_base, v_base, slot.to(tl.int32), kv_head, lo,
+                tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0), end, stride_kl, stride_vl,
+                qk_scale, LANES, HEAD_DIM, UPCAST, PRECISION, INTERPRETED, BLOCK_G, BLOCK_N,
+                BLOCK_D, STAGES, TMA, SHIFT)
+        elif TMA:     # whole tiles unmasked, then the partial one
             span = tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0)
             whole = span // BLOCK_N
             slot32 = slot.to(tl.int32)
@@ -444,7 +552,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
     BLOCK_D: tl.constexpr, DECODE_STAGES: tl.constexpr, TRACE: tl.constexpr,
-    TMA: tl.constexpr, SHIFT: tl.constexpr,
+    TMA: tl.constexpr, SHIFT: tl.constexpr, LANES: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
     # (paired: prefill programs running on the SM).
@@ -488,7 +596,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
                       INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES, TMA,
-                      SHIFT)
+                      SHIFT, LANES)
     if TRACE:
         row = trace_ptr + tl.program_id(0).to(tl.int64) * 5
         tl.store(row, started)
@@ -624,6 +732,7 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         BLOCK_D=block_d, TRACE=trace is not None,
         DECODE_STAGES=tiling.decode_stages or tiling.num_stages, TMA=tma,
         SHIFT=tma and tiling.tma_shift,
+        LANES=tiling.num_warps if tiling.decode_lanes else 1,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         **({} if tiling.max_registers is None or interpreted
            else {"maxnreg": tiling.max_registers}))

@@ -86,10 +86,11 @@ def split_footprint(tiling: Tiling, kv_block: int = 0, head_dim: int = 128,
     return _compile(_split_kernel, const, {}, tiling.num_warps, tiling.num_stages)
 
 
-def pod_footprint(tma: bool, shift: bool = False) -> dict[str, object]:
-    """The fused kernel's, default tiling, for Llama-3-8B heads (32 / 8 / 128), bf16,
-    50:50; `shift`: `PodTiling.tma_shift`."""
-    t = PodTiling()
+def pod_footprint(tma: bool, shift: bool = False,
+                  tiling: PodTiling | None = None) -> dict[str, object]:
+    """The fused kernel's, for Llama-3-8B heads (32 / 8 / 128), bf16, 50:50; `shift`:
+    `PodTiling.tma_shift`; the default tiling unless `tiling` is given."""
+    t = tiling or PodTiling()
     split = t.split_for(32, 8, 16384, 132)      # 32 decodes at 16K on 132 SMs
     const = dict(NUM_HEADS=32, NUM_KV_HEADS=8, NUM_SPLITS=triton.cdiv(16384, split),
                  HEAD_DIM=128, HAS_SLOTS=True,
@@ -97,7 +98,7 @@ def pod_footprint(tma: bool, shift: bool = False) -> dict[str, object]:
                  SPLIT=split, BLOCK_M=t.block_m, BLOCK_G=16, BLOCK_N=t.block_n,
                  BLOCK_ND=t.decode_block_n, BLOCK_D=128,
                  DECODE_STAGES=t.decode_stages or t.num_stages, TRACE=False, TMA=tma,
-                 SHIFT=shift)
+                 SHIFT=shift, LANES=t.num_warps if t.decode_lanes else 1)
     descriptors = {name: f"tensordesc<bf16[1, {n}, 1, 128]>" if tma else "*bf16"
                    for name, n in (("kp_desc", t.block_n), ("vp_desc", t.block_n),
                                    ("kd_desc", t.decode_block_n),
