@@ -103,22 +103,16 @@ def _pick(values, rows, row):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _attend_block(  # type: ignore[no-untyped-def]
-    q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
-    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
-    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _kv_offsets(  # type: ignore[no-untyped-def]
+    table, pos, n_mask, num_kv_blocks, stride_kb, stride_kl, stride_vb, stride_vl,
+    KV_BLOCK: tl.constexpr,
 ):
-    """Online softmax over one tile of BLOCK_N tokens: returns the new (m, l, acc).
+    """Offsets of tokens `pos` from a head's K and V base, and the mask of those to
+    read (`n_mask` less, for the paged twin, tokens of a block id out of range).
 
     Contiguous (KV_BLOCK == 0): token `pos` is at ``base + pos * stride_l``. Paged (the
     twin for the ablation): it is at ``base + table[pos // KV_BLOCK] * stride_b +
-    (pos % KV_BLOCK) * stride_l``; a block id out of range reads nothing.
-    """
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = start + block * BLOCK_N + offs_n
-    n_mask = pos < end
+    (pos % KV_BLOCK) * stride_l``; a block id out of range reads nothing."""
     if KV_BLOCK > 0:
         block_id = tl.load(table + pos // KV_BLOCK, mask=n_mask, other=-1)
         n_mask = n_mask & (block_id >= 0) & (block_id < num_kv_blocks)
@@ -130,6 +124,23 @@ def _attend_block(  # type: ignore[no-untyped-def]
         pos64 = pos.to(tl.int64)[:, None]
         k_off = pos64 * stride_kl
         v_off = pos64 * stride_vl
+    return k_off, v_off, n_mask
+
+
+@triton.jit
+def _attend_block(  # type: ignore[no-untyped-def]
+    q, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
+    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Online softmax over one tile of BLOCK_N tokens: returns the new (m, l, acc).
+    Tokens are addressed as `_kv_offsets` has it."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = start + block * BLOCK_N + offs_n
+    k_off, v_off, n_mask = _kv_offsets(table, pos, pos < end, num_kv_blocks, stride_kb,
+                                       stride_kl, stride_vb, stride_vl, KV_BLOCK)
     kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
@@ -149,6 +160,64 @@ def _attend_block(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _attend_block_lanes(  # type: ignore[no-untyped-def]
+    q3, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
+    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, LANES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """`_attend_block` in LANES lanes (`Tiling.lanes`): `lanes_step` over the tile."""
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = start + block * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_off, v_off, n_mask = _kv_offsets(table, pos, pos < end, num_kv_blocks, stride_kb,
+                                       stride_kl, stride_vb, stride_vl, KV_BLOCK)
+    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
+    return lanes_step(q3, k, v, n_mask, m_i, l_i, acc, qk_scale, True, LANES, UPCAST,
+                      PRECISION, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def lanes_step(  # type: ignore[no-untyped-def]
+    q3, k, v, n_mask, m_i, l_i, acc, qk_scale, MASKED, LANES: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The online-softmax step of one ``[BLOCK_N, D]`` K/V tile in LANES lanes: lane i
+    takes the tile's i-th run of ``BLOCK_N / LANES`` tokens into its own running max
+    `m_i` ``[LANES, G]``, sum `l_i` and output `acc` ``[LANES, G, D]``, against the
+    queries `q3` ``[LANES, G, D]`` (one copy a lane). The batched dots put one lane on
+    each warp (at LANES = num_warps), so the row-wise max and sum stay within a warp.
+    `MASKED`: tokens outside `n_mask` do not count (K and V there must be finite: zero
+    them); a lane whose tokens are all masked, with none before, stays empty (max -inf,
+    sum 0). `fold_lanes` merges the lanes."""
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    k = k.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
+    qk = tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        qk = tl.where(n_mask.reshape(LANES, 1, BLOCK_N // LANES), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 2))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0) if MASKED else m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, :, None])
+    v = v.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
+    acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 2), acc
+
+
+@triton.jit
+def fold_lanes(m_i, l_i, acc):  # type: ignore[no-untyped-def]
+    """One partial ``(m [G], l [G], acc [G, D])`` of `lanes_step`'s ``[LANES, ...]``."""
+    m = tl.max(m_i, 0)
+    m_safe = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.where(m_i > float("-inf"), tl.exp2(m_i - m_safe[None, :]), 0.0)
+    return m, tl.sum(l_i * w, 0), tl.sum(acc * w[:, :, None], 0)
+
+
+@triton.jit
 def _split_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, starts_ptr, table_ptr, o_ptr, lse_ptr,
     out_ptr, arrive_ptr,
@@ -162,7 +231,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     FUSED: tl.constexpr, FLAT: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROW_COST: tl.constexpr,
+    ROW_COST: tl.constexpr, LANES: tl.constexpr,
 ):
     if PDL:     # launched early: the grid before must end before anything is read
         gdc_wait()
@@ -196,7 +265,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
                      KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
-                     BLOCK_N, BLOCK_D)
+                     BLOCK_N, BLOCK_D, LANES)
             row += 1
     else:
         for row in range(first_row, last_row + 1):
@@ -206,7 +275,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
                      KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
-                     BLOCK_N, BLOCK_D)
+                     BLOCK_N, BLOCK_D, LANES)
     if FUSED:   # rows with nothing to attend to: zeros, each row by one program
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
@@ -408,7 +477,7 @@ def _segment(  # type: ignore[no-untyped-def]
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LANES: tl.constexpr,
 ):
     """Attend over the blocks of run `piece` (global blocks ``[lo, hi)``) that belong to
     `row`, and store the partial as number ``piece + row`` (unique: the runs after this
@@ -436,23 +505,44 @@ def _segment(  # type: ignore[no-untyped-def]
     v_base = v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh
     table = table_ptr + row * stride_tb
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if INTERPRETED:
-        block = first_block
-        while block < last_block:
-            m_i, l_i, acc = _attend_block(
-                q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
-                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
-                KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-            block += 1
+    if LANES > 1:
+        q3 = tl.broadcast_to(q[None, :, :], [LANES, BLOCK_G, BLOCK_D])
+        m3 = tl.full([LANES, BLOCK_G], float("-inf"), tl.float32)
+        l3 = tl.zeros([LANES, BLOCK_G], tl.float32)
+        acc3 = tl.zeros([LANES, BLOCK_G, BLOCK_D], tl.float32)
+        if INTERPRETED:
+            block = first_block
+            while block < last_block:
+                m3, l3, acc3 = _attend_block_lanes(
+                    q3, k_base, v_base, table, block, row_start, row_end, m3, l3, acc3,
+                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, LANES,
+                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                block += 1
+        else:
+            for block in range(first_block, last_block):
+                m3, l3, acc3 = _attend_block_lanes(
+                    q3, k_base, v_base, table, block, row_start, row_end, m3, l3, acc3,
+                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, LANES,
+                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+        m_i, l_i, acc = fold_lanes(m3, l3, acc3)
     else:
-        for block in range(first_block, last_block):
-            m_i, l_i, acc = _attend_block(
-                q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
-                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM,
-                KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        if INTERPRETED:
+            block = first_block
+            while block < last_block:
+                m_i, l_i, acc = _attend_block(
+                    q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
+                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                block += 1
+        else:
+            for block in range(first_block, last_block):
+                m_i, l_i, acc = _attend_block(
+                    q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
+                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
 
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
@@ -641,9 +731,20 @@ class Tiling:
     whose loop walks the cut's blocks themselves. The default tiling of head dim <= 128
     takes 2 (docs/benchmarks.md, "A request's start counted in the cut")."""
 
+    lanes: bool = False
+    """Give each warp of a split program its own online softmax over its share of every
+    K/V tile (``block_n / num_warps`` tokens: a batched dot, one batch entry a warp),
+    and fold the warps' partials once, after a request's last tile in the run
+    (`lanes_step`): the row-wise max and sum of a tile then stay inside a warp.
+    Needs ``block_n >= 16 * num_warps``; not with `flat`."""
+
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.lanes and (self.flat or self.block_n < 16 * self.num_warps):
+            raise ValueError(f"lanes needs block_n >= {16 * self.num_warps} (16 tokens for "
+                             f"each of {self.num_warps} warps) and flat=False, got "
+                             f"block_n={self.block_n}, flat={self.flat}")
         if self.merge_block < 1 or self.merge_block & (self.merge_block - 1):
             raise ValueError(f"merge_block must be a power of two, got {self.merge_block}")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -818,7 +919,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
                   INTERPRETED=_interpreted(), PDL=pdl,
                   BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
-                  BLOCK_D=block_d, ROW_COST=tiling.row_cost)
+                  BLOCK_D=block_d, ROW_COST=tiling.row_cost,
+                  LANES=tiling.num_warps if tiling.lanes else 1)
     launch_options = {"launch_pdl": True} if pdl else {}
     _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,

@@ -55,7 +55,9 @@ from vattn.kernels.decode import (
     _sm_count,
     check_index,
     check_output,
+    fold_lanes,
     fold_partial,
+    lanes_step,
     require_runnable,
 )
 
@@ -300,13 +302,10 @@ def _decode_block_lanes(  # type: ignore[no-untyped-def]
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr,
 ):
-    """The online-softmax step of one decode K/V tile of tokens ``[box, box + BLOCK_N)``
-    (``[start, end)`` count) in LANES lanes: lane i takes the tile's i-th run of
-    ``BLOCK_N / LANES`` tokens into its own running max `m_i` ``[LANES, G]``, sum `l_i`
-    and output `acc` ``[LANES, G, D]``; the batched dots put one lane on each warp, so
-    no reduction crosses warps. The TMA copies the tile as `_decode_block_tma` does;
-    without it, a masked load per thread reads only tokens before `end`. A lane whose
-    tokens are all masked, with none before, stays empty (its max -inf, its sum 0)."""
+    """`lanes_step` over the decode K/V tile of tokens ``[box, box + BLOCK_N)``, of
+    which ``[start, end)`` count (`PodTiling.decode_lanes`). The TMA copies it as
+    `_decode_block_tma` does; without it, a masked load per thread reads only the
+    tokens before `end`."""
     pos = box + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if TMA:
@@ -318,32 +317,10 @@ def _decode_block_lanes(  # type: ignore[no-untyped-def]
     pos64 = pos.to(tl.int64)[:, None]
     k = _kv_tile(k_desc, k_base + pos64 * stride_kl + offs_d[None, :], kv_mask, slot, box,
                  kv_head, MASKED, TMA, BLOCK_N, BLOCK_D)
-    if UPCAST:
-        k = k.to(tl.float32)
-    k = k.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
-    qk = tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=PRECISION) * qk_scale
-    if MASKED:
-        qk = tl.where(n_mask.reshape(LANES, 1, BLOCK_N // LANES), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 2))
-    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0) if MASKED else m_new
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, :, None])
     v = _kv_tile(v_desc, v_base + pos64 * stride_vl + offs_d[None, :], kv_mask, slot, box,
                  kv_head, MASKED, TMA, BLOCK_N, BLOCK_D)
-    if UPCAST:
-        v = v.to(tl.float32)
-    v = v.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
-    acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i * alpha + tl.sum(p, 2), acc
-
-
-@triton.jit
-def _fold_lanes(m_i, l_i, acc):  # type: ignore[no-untyped-def]
-    """One partial ``(m [G], l [G], acc [G, D])`` of the lanes' ``[LANES, ...]``."""
-    m = tl.max(m_i, 0)
-    m_safe = tl.where(m > float("-inf"), m, 0.0)
-    w = tl.where(m_i > float("-inf"), tl.exp2(m_i - m_safe[None, :]), 0.0)
-    return m, tl.sum(l_i * w, 0), tl.sum(acc * w[:, :, None], 0)
+    return lanes_step(q3, k, v, n_mask, m_i, l_i, acc, qk_scale, MASKED, LANES, UPCAST,
+                      PRECISION, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -419,7 +396,7 @@ def _decode_lanes(  # type: ignore[no-untyped-def]
             lo + span - BLOCK_N if TMA and SHIFT else lo + whole * BLOCK_N,
             lo + whole * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, True,
             LANES, HEAD_DIM, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
-    return _fold_lanes(m_i, l_i, acc)
+    return fold_lanes(m_i, l_i, acc)
 
 
 @triton.jit

@@ -82,7 +82,7 @@ def split_footprint(tiling: Tiling, kv_block: int = 0, head_dim: int = 128,
                  FLAT=tiling.flat, INTERPRETED=False, UPCAST=False, PRECISION=None,
                  PDL=tiling.pdl, BLOCK_B=max(2, triton.next_power_of_2(batch)),
                  BLOCK_G=16, BLOCK_N=tiling.block_n, BLOCK_D=head_dim,
-                 ROW_COST=tiling.row_cost)
+                 ROW_COST=tiling.row_cost, LANES=tiling.num_warps if tiling.lanes else 1)
     return _compile(_split_kernel, const, {}, tiling.num_warps, tiling.num_stages)
 
 
