@@ -4,12 +4,12 @@
 # cannot take the call's whole limit. Logs and JSON under $OUT; the summaries print last.
 # Now: the lanes grid of tune_pod.py over the 54 cells of `vattn bench pod` (the default
 # first; each tiling's outputs checked against the default's), the lanes grid of
-# tune_decode.py on five shapes, then the pod GPU tests (`decode_lanes` in the sweep test).
+# tune_decode.py on four shapes, then the pod GPU tests (`decode_lanes` in the sweep test).
 source "$(dirname "$0")/gpu_setup.sh"
 timeout "${SWEEP_TIMEOUT:-300}" python3 benchmarks/tune_pod.py --grid lanes --cells "${CELLS:-grid}" \
     --policies 50:50 --repeats 10 --json "$out/tune-pod-lanes.json" > "$out/tune-pod-lanes.log" 2>&1
 timeout "${DECODE_TIMEOUT:-80}" python3 benchmarks/tune_decode.py --grid lanes --repeats 20 \
-    --shapes a-512,a-8k,a-16k,b-8,b-8-unequal,b-32 --json "$out/tune-decode-lanes.json" \
+    --shapes a-512,a-8k,b-8-unequal,b-32 --json "$out/tune-decode-lanes.json" \
     > "$out/tune-decode-lanes.log" 2>&1
 timeout "${POD_TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q tests/test_pod.py 2>&1 | tee "$out/pytest-pod.log" | tail -3
 tail -9 "$out/tune-decode-lanes.log"

@@ -40,7 +40,7 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     of `splits` tokens (``--splits``; ``split=None`` picks one from the shape,
     `PodTiling.split_for`; 1024 was never more than 0.9% ahead of 2048 in the ``full``
     sweep); ``lanes``: the default, then a softmax per warp in the decode splits
-    (`PodTiling.decode_lanes`) with 64-token decode tiles and with 128 at 2 stages;
+    (`PodTiling.decode_lanes`);
     ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
@@ -59,8 +59,7 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
                 dataclasses.replace(short, num_stages=2, max_registers=128),
                 dataclasses.replace(short, num_stages=2, max_registers=128, tma=True)]
     if grid == "lanes":
-        return [PodTiling(), PodTiling(decode_lanes=True),
-                PodTiling(decode_lanes=True, decode_block_n=128, decode_stages=2)]
+        return [PodTiling(), PodTiling(decode_lanes=True)]
     if grid == "stages":
         return [PodTiling(decode_stages=1), PodTiling(decode_stages=2)]
     return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
