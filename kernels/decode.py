@@ -736,7 +736,8 @@ class Tiling:
     K/V tile (``block_n / num_warps`` tokens: a batched dot, one batch entry a warp),
     and fold the warps' partials once, after a request's last tile in the run
     (`lanes_step`): the row-wise max and sum of a tile then stay inside a warp.
-    Needs ``block_n >= 16 * num_warps``; not with `flat`."""
+    Needs ``block_n >= 16 * num_warps``; not with `flat`. Off: not yet timed on a GPU,
+    and compiled for sm_90 it spills (docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):

@@ -100,7 +100,8 @@ class PodTiling:
     warp), and fold the warps' partials once, after the split's last tile. The
     row-wise max and sum of a tile then stay inside a warp: compiled for sm_90, the
     loop of a 64-token tile has 3 barriers instead of 9 and no shared-memory round trip
-    for the reductions. Needs ``decode_block_n >= 16 * num_warps``."""
+    for the reductions. Needs ``decode_block_n >= 16 * num_warps``. Off by default: not
+    yet timed on a GPU (`tune_pod.py --grid lanes`, docs/benchmarks.md)."""
     decode_sms: float = 0.5
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
