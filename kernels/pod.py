@@ -441,54 +441,55 @@ def _decode_split(  # type: ignore[no-untyped-def]
         k_base = k_ptr + slot * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_base = v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh
         lo = split * SPLIT
-        last_block = tl.cdiv(tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0), BLOCK_N)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        span = tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0)    # the split's tokens
         if LANES > 1:
             m_i, l_i, acc = _decode_lanes(
-                q, k_desc, v_desc, k_base, v_base, slot.to(tl.int32), kv_head, lo,
-                tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0), end, stride_kl, stride_vl,
-                qk_scale, LANES, HEAD_DIM, UPCAST, PRECISION, INTERPRETED, BLOCK_G, BLOCK_N,
-                BLOCK_D, STAGES, TMA, SHIFT)
-        elif TMA:     # whole tiles unmasked, then the partial one
-            span = tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0)
-            whole = span // BLOCK_N
-            slot32 = slot.to(tl.int32)
-            if INTERPRETED:
-                block = 0
-                while block < whole:
-                    m_i, l_i, acc = _decode_block_tma(
-                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
-                        lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False, UPCAST,
-                        PRECISION, BLOCK_N, BLOCK_D, SHIFT)
-                    block += 1
-            else:
-                for block in tl.range(0, whole, num_stages=STAGES):
-                    m_i, l_i, acc = _decode_block_tma(
-                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
-                        lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False, UPCAST,
-                        PRECISION, BLOCK_N, BLOCK_D, SHIFT)
-            if span % BLOCK_N:      # SHIFT: the box ending at the split's last token
-                m_i, l_i, acc = _decode_block_tma(
-                    q, k_desc, v_desc, slot32, kv_head,
-                    lo + span - BLOCK_N if SHIFT else lo + whole * BLOCK_N,
-                    lo + whole * BLOCK_N, end, m_i, l_i, acc, qk_scale, True, UPCAST,
-                    PRECISION, BLOCK_N, BLOCK_D, SHIFT)
-        elif INTERPRETED:
-            block = 0
-            while block < last_block:
-                m_i, l_i, acc = _attend_block(
-                    q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
-                    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
-                    PRECISION, BLOCK_N, BLOCK_D)
-                block += 1
+                q, k_desc, v_desc, k_base, v_base, slot.to(tl.int32), kv_head, lo, span, end,
+                stride_kl, stride_vl, qk_scale, LANES, HEAD_DIM, UPCAST, PRECISION,
+                INTERPRETED, BLOCK_G, BLOCK_N, BLOCK_D, STAGES, TMA, SHIFT)
         else:
-            for block in tl.range(0, last_block, num_stages=STAGES):
-                m_i, l_i, acc = _attend_block(
-                    q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc, num_slots,
-                    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, HEAD_DIM, 0, UPCAST,
-                    PRECISION, BLOCK_N, BLOCK_D)
+            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            if TMA:     # whole tiles unmasked, then the partial one
+                whole = span // BLOCK_N
+                slot32 = slot.to(tl.int32)
+                if INTERPRETED:
+                    block = 0
+                    while block < whole:
+                        m_i, l_i, acc = _decode_block_tma(
+                            q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
+                            lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False,
+                            UPCAST, PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+                        block += 1
+                else:
+                    for block in tl.range(0, whole, num_stages=STAGES):
+                        m_i, l_i, acc = _decode_block_tma(
+                            q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
+                            lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False,
+                            UPCAST, PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+                if span % BLOCK_N:      # SHIFT: the box ending at the split's last token
+                    m_i, l_i, acc = _decode_block_tma(
+                        q, k_desc, v_desc, slot32, kv_head,
+                        lo + span - BLOCK_N if SHIFT else lo + whole * BLOCK_N,
+                        lo + whole * BLOCK_N, end, m_i, l_i, acc, qk_scale, True, UPCAST,
+                        PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+            else:
+                last_block = tl.cdiv(span, BLOCK_N)
+                if INTERPRETED:
+                    block = 0
+                    while block < last_block:
+                        m_i, l_i, acc = _attend_block(
+                            q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc,
+                            num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                            HEAD_DIM, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                        block += 1
+                else:
+                    for block in tl.range(0, last_block, num_stages=STAGES):
+                        m_i, l_i, acc = _attend_block(
+                            q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc,
+                            num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                            HEAD_DIM, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
         has = l_i > 0
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         part = part_ptr + (unit * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
