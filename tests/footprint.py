@@ -129,6 +129,8 @@ if __name__ == "__main__":
     # The fused kernel expects two programs an SM: a prefill tile beside a decode split.
     found = {f"pod tma={tma}": _placed(pod_footprint(tma), 2) for tma in (False, True)}
     found["pod tma=shift"] = _placed(pod_footprint(True, shift=True), 2)
+    found["pod lanes"] = _placed(pod_footprint(True, shift=True,
+                                               tiling=PodTiling(decode_lanes=True)), 2)
     found.update({name: _placed(split_footprint(tiling, kv_block, head_dim),
                                 tiling.programs_per_sm)
                   for name, (tiling, kv_block, head_dim) in decode_tilings().items()})

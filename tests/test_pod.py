@@ -493,11 +493,16 @@ def test_the_fused_kernel_fits_two_programs_an_sm_on_hopper(
         sm90_footprints: dict[str, dict[str, object]]) -> None:
     """Compiled ahead of time for sm_90, the default tiling leaves room for two
     programs an SM, with and without the TMA, so that a prefill tile and a decode split
-    can share an SM."""
+    can share an SM; so does `decode_lanes` (TMA, shifted boxes). None spills registers
+    to the stack."""
     for tma in (False, True, "shift"):
         used = sm90_footprints[f"pod tma={tma}"]
         assert used["fit"] >= used["programs_per_sm"] == 2, used
         assert used["bulk copies"] == (tma is not False), used
+        assert used["stack"] == 0, used
+    used = sm90_footprints["pod lanes"]
+    assert used["fit"] >= used["programs_per_sm"] == 2 and used["bulk copies"], used
+    assert used["stack"] == 0, used
 
 
 @pytest.mark.gpu
