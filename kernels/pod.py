@@ -64,6 +64,8 @@ from vattn.kernels.decode import (
 SPLIT_BASE, SPLIT_MAX, SPLIT_SMS_PER_UNIT = 2048, 8192, 2
 """`PodTiling.split_for`'s rule: decode splits of SPLIT_BASE tokens, doubled up to
 SPLIT_MAX while there is still a split for every SPLIT_SMS_PER_UNIT SMs."""
+MAX_PREFETCH = 16
+"""The most tiles `PodTiling.decode_prefetch` asks L2 for ahead of a decode split."""
 
 Policy = Literal["proportional", "50:50", "partitioned", "paired"]
 POLICIES: tuple[Policy, ...] = ("proportional", "50:50", "partitioned", "paired")
@@ -102,6 +104,13 @@ class PodTiling:
     loop of a 64-token tile has 3 barriers instead of 9 and no shared-memory round trip
     for the reductions. Needs ``decode_block_n >= 16 * num_warps``. Off by default: not
     yet timed on a GPU (`tune_pod.py --grid lanes`, docs/benchmarks.md)."""
+    decode_prefetch: int = 0
+    """Ask L2 for a decode split's K/V this many tiles ahead of the tile it attends over
+    (one ``prefetch.global.L2`` of a 128-byte line a thread, for K and for V, each
+    tile), so that more of the split's bytes are on their way from DRAM than its
+    pipeline's staging buffers hold; it takes no shared memory. Never past the split's
+    last token. 0 (default): none. Ignored by the interpreter. Not yet timed on a GPU
+    (`tune_pod.py --grid decode-loop`, docs/benchmarks.md)."""
     decode_sms: float = 0.5
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
@@ -143,6 +152,9 @@ class PodTiling:
             raise ValueError(f"decode_lanes needs decode_block_n >= {16 * self.num_warps} "
                              f"(16 tokens for each of {self.num_warps} warps), got "
                              f"{self.decode_block_n}")
+        if not 0 <= self.decode_prefetch <= MAX_PREFETCH:
+            raise ValueError(f"decode_prefetch must be in [0, {MAX_PREFETCH}] tiles, got "
+                             f"{self.decode_prefetch}")
         if not 0.0 <= self.decode_sms <= 1.0:
             raise ValueError(f"decode_sms must be in [0, 1], got {self.decode_sms}")
         if self.max_registers is not None and not 24 <= self.max_registers <= 255:
@@ -267,6 +279,25 @@ def _kv_tile(desc, ptrs, mask, slot, box, kv_head, MASKED, TMA: tl.constexpr,  #
 
 
 @triton.jit
+def _prefetch_l2(  # type: ignore[no-untyped-def]
+    k_base, v_base, stride_kl, stride_vl, first, last, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LINES: tl.constexpr,
+):
+    """`PodTiling.decode_prefetch`: ask L2 for the K and V rows of tokens ``[first,
+    first + BLOCK_N)``, those past `last` (a token the split reads) taken as `last`, one
+    128-byte line of a row (LINES a row) a thread. A hint: it returns at once and
+    writes nothing."""
+    i = tl.arange(0, BLOCK_N * LINES)
+    tok = tl.minimum(first + i // LINES, last).to(tl.int64)
+    col = tl.minimum((i % LINES) * (BLOCK_D // LINES), HEAD_DIM - 1)
+    asm: tl.constexpr = "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;"
+    tl.inline_asm_elementwise(asm, "=r,l", [k_base + tok * stride_kl + col], dtype=tl.int32,
+                              is_pure=False, pack=1)
+    tl.inline_asm_elementwise(asm, "=r,l", [v_base + tok * stride_vl + col], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _decode_block_tma(  # type: ignore[no-untyped-def]
     q, k_desc, v_desc, slot, kv_head, box, start, end, m_i, l_i, acc, qk_scale, MASKED,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -368,7 +399,7 @@ def _decode_lanes(  # type: ignore[no-untyped-def]
     qk_scale, LANES: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr,
-    SHIFT: tl.constexpr,
+    SHIFT: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
 ):
     """A decode split's `span` tokens from `lo` (`PodTiling.decode_lanes`): the whole
     tiles, then the partial one, in LANES lanes; returns their folded ``(m, l, acc)``."""
@@ -387,6 +418,10 @@ def _decode_lanes(  # type: ignore[no-untyped-def]
             block += 1
     else:
         for block in tl.range(0, whole, num_stages=STAGES):
+            if PREFETCH > 0:
+                _prefetch_l2(k_base, v_base, stride_kl, stride_vl,
+                             lo + (block + PREFETCH) * BLOCK_N, lo + span - 1, HEAD_DIM,
+                             BLOCK_N, BLOCK_D, LINES)
             m_i, l_i, acc = _decode_block_lanes(
                 q3, k_desc, v_desc, k_base, v_base, slot, kv_head, lo + block * BLOCK_N,
                 lo + block * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
@@ -411,6 +446,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr, LANES: tl.constexpr,
+    PREFETCH: tl.constexpr, LINES: tl.constexpr,
 ):
     """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
     a partial over its tokens; the last of the request's live splits (those holding
@@ -446,7 +482,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
             m_i, l_i, acc = _decode_lanes(
                 q, k_desc, v_desc, k_base, v_base, slot.to(tl.int32), kv_head, lo, span, end,
                 stride_kl, stride_vl, qk_scale, LANES, HEAD_DIM, UPCAST, PRECISION,
-                INTERPRETED, BLOCK_G, BLOCK_N, BLOCK_D, STAGES, TMA, SHIFT)
+                INTERPRETED, BLOCK_G, BLOCK_N, BLOCK_D, STAGES, TMA, SHIFT, PREFETCH, LINES)
         else:
             m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -464,6 +500,10 @@ def _decode_split(  # type: ignore[no-untyped-def]
                         block += 1
                 else:
                     for block in tl.range(0, whole, num_stages=STAGES):
+                        if PREFETCH > 0:
+                            _prefetch_l2(k_base, v_base, stride_kl, stride_vl,
+                                         lo + (block + PREFETCH) * BLOCK_N, lo + span - 1,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, LINES)
                         m_i, l_i, acc = _decode_block_tma(
                             q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
                             lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False,
@@ -486,6 +526,10 @@ def _decode_split(  # type: ignore[no-untyped-def]
                         block += 1
                 else:
                     for block in tl.range(0, last_block, num_stages=STAGES):
+                        if PREFETCH > 0:
+                            _prefetch_l2(k_base, v_base, stride_kl, stride_vl,
+                                         lo + (block + PREFETCH) * BLOCK_N, lo + span - 1,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, LINES)
                         m_i, l_i, acc = _attend_block(
                             q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc,
                             num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
@@ -531,7 +575,8 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
     BLOCK_D: tl.constexpr, DECODE_STAGES: tl.constexpr, TRACE: tl.constexpr,
-    TMA: tl.constexpr, SHIFT: tl.constexpr, LANES: tl.constexpr,
+    TMA: tl.constexpr, SHIFT: tl.constexpr, LANES: tl.constexpr, PREFETCH: tl.constexpr,
+    LINES: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
     # (paired: prefill programs running on the SM).
@@ -575,7 +620,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
                       INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES, TMA,
-                      SHIFT, LANES)
+                      SHIFT, LANES, PREFETCH, LINES)
     if TRACE:
         row = trace_ptr + tl.program_id(0).to(tl.int64) * 5
         tl.store(row, started)
@@ -712,6 +757,8 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         DECODE_STAGES=tiling.decode_stages or tiling.num_stages, TMA=tma,
         SHIFT=tma and tiling.tma_shift,
         LANES=tiling.num_warps if tiling.decode_lanes else 1,
+        PREFETCH=tiling.decode_prefetch,
+        LINES=max(1, block_d * k_cache.element_size() // 128),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         **({} if tiling.max_registers is None or interpreted
            else {"maxnreg": tiling.max_registers}))

@@ -297,6 +297,9 @@ def test_tiling_is_validated() -> None:
         PodTiling(decode_lanes=True, decode_block_n=32)
     with pytest.raises(ValueError, match="max_registers must be in"):
         PodTiling(max_registers=300)
+    for tiles in (-1, 17):
+        with pytest.raises(ValueError, match=r"decode_prefetch must be in \[0, 16\]"):
+            PodTiling(decode_prefetch=tiles)
 
 
 def test_the_split_from_the_shape_follows_the_decodes_not_their_lengths() -> None:
@@ -493,16 +496,19 @@ def test_the_fused_kernel_fits_two_programs_an_sm_on_hopper(
         sm90_footprints: dict[str, dict[str, object]]) -> None:
     """Compiled ahead of time for sm_90, the default tiling leaves room for two
     programs an SM, with and without the TMA, so that a prefill tile and a decode split
-    can share an SM; so does `decode_lanes` (TMA, shifted boxes). None spills registers
-    to the stack."""
+    can share an SM; so do `decode_lanes` and `decode_prefetch` (TMA, shifted boxes).
+    None spills registers to the stack, and only `decode_prefetch` asks L2 for lines
+    (a prefetch the compiler dropped would be timed as one that does not help)."""
     for tma in (False, True, "shift"):
         used = sm90_footprints[f"pod tma={tma}"]
         assert used["fit"] >= used["programs_per_sm"] == 2, used
         assert used["bulk copies"] == (tma is not False), used
+        assert used["stack"] == 0 and used["l2 prefetches"] == 0, used
+    for name in ("pod lanes", "pod prefetch"):
+        used = sm90_footprints[name]
+        assert used["fit"] >= used["programs_per_sm"] == 2 and used["bulk copies"], used
         assert used["stack"] == 0, used
-    used = sm90_footprints["pod lanes"]
-    assert used["fit"] >= used["programs_per_sm"] == 2 and used["bulk copies"], used
-    assert used["stack"] == 0, used
+        assert (used["l2 prefetches"] > 0) == (name == "pod prefetch"), used
 
 
 @pytest.mark.gpu
@@ -543,7 +549,9 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int,
     for tiling in (PodTiling(tma=False), PodTiling(tma_shift=False),
                    PodTiling(block_n=32, decode_block_n=32, max_registers=168),
                    PodTiling(split=2048),      # the fixed split the rule replaced
-                   PodTiling(decode_lanes=True), PodTiling(decode_lanes=True, tma=False)):
+                   PodTiling(decode_lanes=True), PodTiling(decode_lanes=True, tma=False),
+                   PodTiling(decode_prefetch=4), PodTiling(decode_prefetch=4, tma=False),
+                   PodTiling(decode_prefetch=4, decode_lanes=True)):
         op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots, tiling=tiling)
         assert relative_error(od, alone.float()) < 1e-2, tiling
         assert relative_error(op, flash.float()) < 1e-2, tiling
