@@ -68,9 +68,10 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
         counts: ``[B]`` int, how many of the T tokens each row appends (ragged
             appends); default all T.
 
-    Tokens that would land past ``Lmax``, and rows whose slot is out of range, are not
-    written. Two rows that write the same token of the same slot race: which one lands
-    is undefined.
+    Tokens that would land past ``Lmax`` or before token 0 (a negative position: of
+    ``T`` new tokens at position ``-2``, the first two are dropped and the rest land at
+    tokens 0 onward), and rows whose slot is out of range, are not written. Two rows
+    that write the same token of the same slot race: which one lands is undefined.
 
     Example::
 
@@ -107,6 +108,11 @@ def _check(k: torch.Tensor, v: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
                               f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
     if any(t.stride(-1) != 1 for t in (k, v, k_new, v_new)):
         raise InvalidArgument("caches and new K/V need a contiguous last dim")
+    if (not k.dtype.is_floating_point or v.dtype != k.dtype
+            or not k_new.dtype.is_floating_point or not v_new.dtype.is_floating_point):
+        raise InvalidArgument(f"the caches must share one floating dtype and the new K/V be "
+                              f"floating (cast to it), got k_cache {k.dtype}, v_cache "
+                              f"{v.dtype}, k_new {k_new.dtype}, v_new {v_new.dtype}")
     index: list[tuple[str, torch.Tensor | None]] = [
         ("positions", positions), ("slots", slots), ("counts", counts)]
     check_index(index, k_new.shape[0])

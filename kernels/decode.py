@@ -51,6 +51,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 1024
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)     # fp32: exact dots, for tests
 MAX_BATCH = 4096        # rows a launch schedules (each program reads every row's length)
+MAX_HEAD_DIM = 256      # the largest head dim the Triton kernels have tilings for
 
 
 @triton.jit
@@ -845,7 +846,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Args:
         q: ``[B, Hq, D]`` bf16/fp16 (fp32 too, with exact fp32 dots: slower, for
-            checks against float32 references), last dim contiguous.
+            checks against float32 references), last dim contiguous; ``D`` at most
+            `MAX_HEAD_DIM` (256), any size up to it (tiles are padded to a power of two).
         k_cache, v_cache: ``[num_slots, Lmax, Hkv, D]`` of q's dtype, any strides with the
             last dim contiguous (``VirtualKVCache.kv(layer)`` in either layout).
         cache_seqlens: ``[B]`` int32/int64, tokens of each request (the new token's K/V
@@ -895,8 +897,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     out = check_output(out, q, "out")
-    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
-        raise InvalidArgument(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if num_splits is not None and (not isinstance(num_splits, int)
+                                   or isinstance(num_splits, bool)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise InvalidArgument(f"num_splits must be an int in [1, {MAX_SPLITS}], got "
+                              f"{num_splits!r}")
     if batch == 0:
         return out
     require_runnable(q.device)
@@ -965,9 +970,38 @@ def check_index(index: list[tuple[str, torch.Tensor | None]], batch: int) -> Non
                                   f"strides {ints.stride()}")
 
 
+def check_heads(num_heads: int, num_kv_heads: int, head_dim: int,
+                max_head_dim: int | None = MAX_HEAD_DIM) -> None:
+    """At least one KV head, query heads a multiple of them, a head dim of at least 1
+    (and at most `max_head_dim`, None: no bound)."""
+    if num_kv_heads < 1 or head_dim < 1:
+        raise InvalidArgument(f"KV heads and head dim must be >= 1, got {num_kv_heads} and "
+                              f"{head_dim}")
+    if max_head_dim is not None and head_dim > max_head_dim:
+        raise InvalidArgument(f"head dim must be at most {max_head_dim}, got {head_dim}")
+    if num_heads % num_kv_heads:
+        raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
+                              f"({num_kv_heads})")
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` may share memory (an expanded view, say): taken in
+    the order of their strides, each dim of more than one element must step past the
+    whole extent of the dims before it. Some exotic layouts without overlap are
+    refused too."""
+    extent = 1
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1)
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
 def check_output(out: torch.Tensor | None, q: torch.Tensor, name: str) -> torch.Tensor:
-    """`out` (allocated like `q` if None), checked to be like `q`: shape, dtype, device
-    and a contiguous last dim."""
+    """`out` (allocated like `q` if None), checked to be like `q`: shape, dtype, device,
+    a contiguous last dim, and no two elements in the same memory (the kernels would
+    race on them)."""
     if out is None:
         return torch.empty_like(q)
     if (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
@@ -975,6 +1009,9 @@ def check_output(out: torch.Tensor | None, q: torch.Tensor, name: str) -> torch.
         raise InvalidArgument(f"{name} must be {tuple(q.shape)} {q.dtype} on {q.device} "
                               f"with a contiguous last dim, got {tuple(out.shape)} "
                               f"{out.dtype} on {out.device}")
+    if overlaps_itself(out):
+        raise InvalidArgument(f"{name} has elements that share memory (strides "
+                              f"{out.stride()} for shape {tuple(out.shape)})")
     return out
 
 
@@ -997,9 +1034,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.
                               f"{q.dtype}, {k.dtype}, {v.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise InvalidArgument("q, k_cache and v_cache need a contiguous last dim")
-    if num_heads % k.shape[2]:
-        raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
-                              f"({k.shape[2]})")
+    check_heads(num_heads, k.shape[2], head_dim)
     index: list[tuple[str, torch.Tensor | None]] = [
         ("cache_seqlens", lens), ("slots", slots), ("starts", starts)]
     check_index(index, batch)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from vattn.errors import InvalidArgument
+from vattn.kernels.decode import check_heads
 
 Backend = Literal["flash-attn-3", "flash-attn", "torch-fa2", "sdpa"]
 BACKENDS: tuple[Backend, ...] = ("flash-attn-3", "flash-attn", "torch-fa2", "sdpa")
@@ -218,16 +219,24 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
            slots: torch.Tensor | None) -> None:
     if q.dim() != 4:
         raise InvalidArgument(f"q must be [B, Lq, Hq, D], got shape {tuple(q.shape)}")
-    batch, _, num_heads, head_dim = q.shape
+    batch, num_queries, num_heads, head_dim = q.shape
     if k.dim() != 4 or v.shape != k.shape or k.shape[3] != head_dim:
         raise InvalidArgument(f"k_cache and v_cache must be [slots, Lmax, Hkv, {head_dim}], "
                               f"got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise InvalidArgument(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k.dtype}, "
-                              f"{v.dtype}")
-    if num_heads % k.shape[2]:
-        raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
-                              f"({k.shape[2]})")
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgument(f"q, k_cache, v_cache must share one floating dtype, got "
+                              f"{q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k_cache", k), ("v_cache", v)):
+        if t.device != q.device:
+            raise InvalidArgument(f"{name} is on {t.device}, q on {q.device}")
+    check_heads(num_heads, k.shape[2], head_dim, max_head_dim=None)
+    num_slots, max_len = k.shape[:2]
+    if num_queries > max_len:
+        raise InvalidArgument(f"a chunk of {num_queries} queries cannot end inside the "
+                              f"cache's Lmax of {max_len}")
+    if slots is None and batch > num_slots:
+        raise InvalidArgument(f"{batch} rows read slots 0..{batch - 1} (no slots given), but "
+                              f"the cache has {num_slots}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise InvalidArgument("q, k_cache and v_cache need a contiguous last dim")
     if k.stride(0) != k.shape[1] * k.stride(1) or v.stride(0) != v.shape[1] * v.stride(1):

@@ -53,6 +53,7 @@ from vattn.kernels.decode import (
     _clamp,
     _interpreted,
     _sm_count,
+    check_heads,
     check_index,
     check_output,
     fold_lanes,
@@ -843,10 +844,11 @@ def _check(qp: torch.Tensor, qd: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               f"{qp.dtype}, {qd.dtype}, {k.dtype}, {v.dtype}")
     if any(t.stride(-1) != 1 for t in (qp, qd, k, v)):
         raise InvalidArgument("queries and cache need a contiguous last dim")
-    if num_heads % k.shape[2]:
-        raise InvalidArgument(f"query heads ({num_heads}) must be a multiple of KV heads "
-                              f"({k.shape[2]})")
+    check_heads(num_heads, k.shape[2], head_dim)
     num_slots, max_len = k.shape[:2]
+    if chunk > max_len:
+        raise InvalidArgument(f"the chunk of {chunk} tokens does not fit in the cache's "
+                              f"Lmax of {max_len}")
     for name, value, high in (("prefill_slot", slot, num_slots - 1),
                               ("prefix_len", prefix, max_len - chunk)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:

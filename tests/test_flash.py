@@ -77,6 +77,17 @@ def test_bad_input_is_refused() -> None:
         flash_attention(q, k[:, :32], k[:, :32], torch.tensor([9], dtype=torch.int32))
     with pytest.raises(InvalidArgument, match="cache_seqlens 2 < the chunk's 3 queries"):
         flash_attention(q, k, k, torch.tensor([2], dtype=torch.int32))
+    lens = torch.tensor([9], dtype=torch.int32)
+    with pytest.raises(InvalidArgument, match="must share one floating dtype"):
+        flash_attention(q.int(), k.int(), k.int(), lens)
+    with pytest.raises(InvalidArgument, match="k_cache is on meta, q on cpu"):
+        flash_attention(q, k.to("meta"), k, lens)
+    with pytest.raises(InvalidArgument, match="KV heads and head dim must be >= 1"):
+        flash_attention(q, k[:, :, :0], k[:, :, :0], lens)
+    with pytest.raises(InvalidArgument, match="a chunk of 65 queries cannot end inside"):
+        flash_attention(torch.randn(1, 65, 4, D).to(torch.float16), k, k, lens)
+    with pytest.raises(InvalidArgument, match=r"3 rows read slots 0..2 \(no slots given\)"):
+        flash_attention(q.expand(3, -1, -1, -1), k, k, lens.expand(3).contiguous())
     for slot, length in ((-1, 9), (2, 9), (0, 65)):     # SDPA reads them on the host
         with pytest.raises(InvalidArgument, match=r"must be in \[0, 2\) and at most Lmax 64"):
             flash_attention(q, k, k, torch.tensor([length], dtype=torch.int32),

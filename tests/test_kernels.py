@@ -166,6 +166,10 @@ def test_append_never_writes_past_max_context_len() -> None:
     ("workspace", "workspace must be a contiguous 1-D int32 tensor of at least 4"),
     ("rows", "4 query rows read slots 0..3 (no slots given), but the cache has 3"),
     ("out", "out must be (2, 4, 64) torch.float16 on"),
+    ("overlap", "out has elements that share memory (strides (0, 64, 1)"),
+    ("no_kv_heads", "KV heads and head dim must be >= 1, got 0 and 64"),
+    ("no_head_dim", "KV heads and head dim must be >= 1, got 2 and 0"),
+    ("head_dim", "head dim must be at most 256, got 512"),
 ])
 def test_decode_refuses_bad_input(change: str, message: str) -> None:
     k = torch.randn(3, 40, HKV, D, device=DEVICE).to(torch.float16)
@@ -188,11 +192,20 @@ def test_decode_refuses_bad_input(change: str, message: str) -> None:
         k = torch.randn(3, 40, HKV, 2 * D, device=DEVICE).to(torch.float16)[..., ::2]
     elif change == "rows":
         q, lengths = torch.randn(4, 4, D, device=DEVICE).to(torch.float16), _ints([5] * 4)
+    elif change == "no_kv_heads":
+        k, v = k[:, :, :0], v[:, :, :0]
+    elif change == "no_head_dim":
+        q, k, v = q[..., :0], k[..., :0], v[..., :0]
+    elif change == "head_dim":
+        q = torch.randn(2, 4, 512, device=DEVICE).to(torch.float16)
+        k = v = torch.randn(3, 40, HKV, 512, device=DEVICE).to(torch.float16)
     slots = _ints([1]).expand(2) if change == "broadcast" else None
     workspace = None
     if change == "workspace":
         workspace = torch.zeros(3, dtype=torch.int32, device=DEVICE)    # B * Hkv = 4
     out = torch.empty_like(q, device="meta") if change == "out" else None
+    if change == "overlap":     # every row the same memory: the rows' writes would race
+        out = torch.empty(1, 4, D, device=DEVICE, dtype=torch.float16).expand(2, 4, D)
     pattern = message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(
         ")", r"\)")
     with pytest.raises(InvalidArgument, match=pattern):
@@ -209,6 +222,25 @@ def test_append_refuses_bad_input() -> None:
         append_kv(k, k.clone(), new, new, _ints([0, 0, 0]))
     with pytest.raises(InvalidArgument, match="positions must be a contiguous"):
         append_kv(k, k.clone(), new, new, _ints([[0, 1], [2, 3]])[:, 1])
+    before = k.clone()
+    for k_cache, v_cache, k_new in ((k, k.to(torch.bfloat16), new),       # K and V differ
+                                    (k.int(), k.int(), new),               # not floating
+                                    (k, k.clone(), new.int())):
+        with pytest.raises(InvalidArgument, match="the caches must share one floating"):
+            append_kv(k_cache, v_cache, k_new, new, _ints([0, 0]))
+    assert torch.equal(k, before)
+
+
+def test_overlapping_views_are_told_apart() -> None:
+    from vattn.kernels.decode import overlaps_itself
+
+    t = torch.empty(4, 6, 8)
+    for view in (t, t[:, ::2], t.transpose(0, 1), t[:1], t[:, :, :1].squeeze(-1),
+                 torch.empty(0, 3)):
+        assert not overlaps_itself(view), view.stride()
+    for view in (t[:1].expand(3, 6, 8), t.as_strided((4, 6), (1, 1)),
+                 t.as_strided((2, 4), (3, 1))):
+        assert overlaps_itself(view), view.stride()
 
 
 @pytest.mark.gpu
@@ -590,7 +622,7 @@ def test_a_bad_run_count_is_refused() -> None:
     k = torch.randn(2, 32, HKV, D, device=DEVICE).to(torch.float16)
     q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)
     out = torch.full_like(q, 7.0)
-    for splits in (0, -1, 1025):
+    for splits in (0, -1, 1025, 2.5, True):
         with pytest.raises(InvalidArgument, match="num_splits"):
             decode_attention(q, k, k, _ints([3, 4]), out=out, num_splits=splits)
         assert torch.equal(out, torch.full_like(q, 7.0))

@@ -244,6 +244,9 @@ def check_trace(policy: str) -> None:
     ("rows", "4 decodes read slots 0..3 .no decode_slots given., but the cache has 3"),
     ("out", "out_decode must be .2, 4, 64. torch.float16 on"),
     ("splits", "exceed the 2..31 a launch can address"),
+    ("chunk", "the chunk of 80 tokens does not fit in the cache's Lmax of 64"),
+    ("no_kv_heads", "KV heads and head dim must be >= 1, got 0 and 64"),
+    ("overlap", "out_prefill has elements that share memory"),
 ])
 def test_pod_refuses_bad_input(change: str, message: str) -> None:
     q = torch.randn(4, 4, D, device=DEVICE, dtype=torch.float16)
@@ -278,6 +281,14 @@ def test_pod_refuses_bad_input(change: str, message: str) -> None:
         args["q_prefill"] = q.to("meta")
         args["k_cache"] = args["v_cache"] = torch.empty(3, 2**12, HKV, D, device="meta",
                                                         dtype=torch.float16)
+    elif change == "chunk":
+        args["q_prefill"] = torch.randn(80, 4, D, device=DEVICE, dtype=torch.float16)
+        args["prefix_len"] = 0
+    elif change == "no_kv_heads":
+        args["k_cache"] = args["v_cache"] = k[:, :, :0]
+    elif change == "overlap":
+        args["out_prefill"] = torch.empty(1, 4, D, device=DEVICE,
+                                          dtype=torch.float16).expand(4, 4, D)
     else:
         args["decode_seqlens"] = _ints([3])
     with pytest.raises(InvalidArgument, match=message):
