@@ -81,16 +81,10 @@ def tilings(grid: str) -> list[Tiling]:
     ``rowcost``: the default and 64-token tiles at two programs an SM, each with runs of
     equal tiles and with a request's start counted as tiles (`Tiling.row_cost`: 1 and
     2 tiles of 128 tokens, 2 and 4 of 64), A B ... B A; ``paged-rowcost``: the paged
-    twin's tiling with 0, 1 and 2 (with ``--paged``), A B C C B A; ``lanes``: the
-    default and 64-token tiles at two programs an SM, each with one softmax a program and
-    one a warp (`Tiling.lanes`), A B C D D C B A; ``quick``: the default only."""
+    twin's tiling with 0, 1 and 2 (with ``--paged``), A B C C B A; ``quick``: the
+    default only."""
     if grid == "quick":
         return [default_tiling(128)]
-    if grid == "lanes":
-        wide = Tiling(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
-        near = [t for a in (default_tiling(128), wide)
-                for t in (a, dataclasses.replace(a, lanes=True))]
-        return near + near[::-1]
     if grid == "paged-rowcost":
         around = [dataclasses.replace(paged_tiling(128), row_cost=c) for c in (0, 1, 2)]
         return around + around[::-1]
@@ -165,7 +159,7 @@ def _name(t: Tiling) -> str:
             + {None: "", True: " fused", False: " two-launch"}[t.fused_reduction]
             + (" flat" if t.flat else "") + ("" if t.pdl else " no-pdl")
             + ("" if t.merge_block == 128 else f" merge{t.merge_block}")
-            + (f" rowcost{t.row_cost}" if t.row_cost else "") + (" lanes" if t.lanes else ""))
+            + (f" rowcost{t.row_cost}" if t.row_cost else ""))
 
 
 def sweep(shape: tuple[Any, ...], configs: list[Tiling], repeats: int,
@@ -289,7 +283,7 @@ def main() -> None:
     parser.add_argument("--grid", choices=("full", "runs", "paged", "reduction", "flat",
                                            "pair", "layout", "pdl", "short", "merge", "tile",
                                            "short-tiles", "d256", "rowcost", "paged-rowcost",
-                                           "lanes", "quick"),
+                                           "quick"),
                         default="full")
     parser.add_argument("--allocations", type=int, default=1, metavar="N",
                         help="sweep each shape N times, on K/V allocated afresh each time "

@@ -39,10 +39,7 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     (`PodTiling.tma_shift`, the default) against copied whole; ``split``: decode splits
     of `splits` tokens (``--splits``; ``split=None`` picks one from the shape,
     `PodTiling.split_for`; 1024 was never more than 0.9% ahead of 2048 in the ``full``
-    sweep); ``lanes``: the default, then a softmax per warp in the decode splits
-    (`PodTiling.decode_lanes`); ``decode-loop``: the default, `decode_lanes`, L2
-    prefetches 4 and 8 tiles ahead (`PodTiling.decode_prefetch`), and both options;
-    ``quick``: the default only."""
+    sweep); ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "split":
@@ -59,12 +56,6 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
                 dataclasses.replace(short, max_registers=168, tma=True),
                 dataclasses.replace(short, num_stages=2, max_registers=128),
                 dataclasses.replace(short, num_stages=2, max_registers=128, tma=True)]
-    if grid == "lanes":
-        return [PodTiling(), PodTiling(decode_lanes=True)]
-    if grid == "decode-loop":
-        return [PodTiling(), PodTiling(decode_lanes=True), PodTiling(decode_prefetch=4),
-                PodTiling(decode_prefetch=8),
-                PodTiling(decode_lanes=True, decode_prefetch=4)]
     if grid == "stages":
         return [PodTiling(decode_stages=1), PodTiling(decode_stages=2)]
     return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
@@ -79,9 +70,7 @@ def _name(t: PodTiling) -> str:
             f"st{t.num_stages}" + (f" dst{t.decode_stages}" if t.decode_stages else "")
             + {None: "", True: " tma", False: " no-tma"}[t.tma]
             + (" shift" if t.tma_shift else "")
-            + (f" r{t.max_registers}" if t.max_registers else "")
-            + (" lanes" if t.decode_lanes else "")
-            + (f" pf{t.decode_prefetch}" if t.decode_prefetch else ""))
+            + (f" r{t.max_registers}" if t.max_registers else ""))
 
 
 def _graph_us(fn: Any, repeats: int) -> float:
@@ -170,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="full",
                         choices=("full", "stages", "occupancy", "shift", "split", "decode-tile",
-                                 "lanes", "decode-loop", "quick"))
+                                 "quick"))
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--splits", default="2048,4096,8192",
                         help="--grid split: the decode splits timed, in tokens")

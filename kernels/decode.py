@@ -161,64 +161,6 @@ def _attend_block(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _attend_block_lanes(  # type: ignore[no-untyped-def]
-    q3, k_base, v_base, table, block, start, end, m_i, l_i, acc, num_kv_blocks,
-    stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, LANES: tl.constexpr,
-    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """`_attend_block` in LANES lanes (`Tiling.lanes`): `lanes_step` over the tile."""
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = start + block * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_off, v_off, n_mask = _kv_offsets(table, pos, pos < end, num_kv_blocks, stride_kb,
-                                       stride_kl, stride_vb, stride_vl, KV_BLOCK)
-    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_base + k_off + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + v_off + offs_d[None, :], mask=kv_mask, other=0.0)
-    return lanes_step(q3, k, v, n_mask, m_i, l_i, acc, qk_scale, True, LANES, UPCAST,
-                      PRECISION, BLOCK_N, BLOCK_D)
-
-
-@triton.jit
-def lanes_step(  # type: ignore[no-untyped-def]
-    q3, k, v, n_mask, m_i, l_i, acc, qk_scale, MASKED, LANES: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """The online-softmax step of one ``[BLOCK_N, D]`` K/V tile in LANES lanes: lane i
-    takes the tile's i-th run of ``BLOCK_N / LANES`` tokens into its own running max
-    `m_i` ``[LANES, G]``, sum `l_i` and output `acc` ``[LANES, G, D]``, against the
-    queries `q3` ``[LANES, G, D]`` (one copy a lane). The batched dots put one lane on
-    each warp (at LANES = num_warps), so the row-wise max and sum stay within a warp.
-    `MASKED`: tokens outside `n_mask` do not count (K and V there must be finite: zero
-    them); a lane whose tokens are all masked, with none before, stays empty (max -inf,
-    sum 0). `fold_lanes` merges the lanes."""
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    k = k.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
-    qk = tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=PRECISION) * qk_scale
-    if MASKED:
-        qk = tl.where(n_mask.reshape(LANES, 1, BLOCK_N // LANES), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 2))
-    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0) if MASKED else m_new
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, :, None])
-    v = v.reshape(LANES, BLOCK_N // LANES, BLOCK_D)
-    acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i * alpha + tl.sum(p, 2), acc
-
-
-@triton.jit
-def fold_lanes(m_i, l_i, acc):  # type: ignore[no-untyped-def]
-    """One partial ``(m [G], l [G], acc [G, D])`` of `lanes_step`'s ``[LANES, ...]``."""
-    m = tl.max(m_i, 0)
-    m_safe = tl.where(m > float("-inf"), m, 0.0)
-    w = tl.where(m_i > float("-inf"), tl.exp2(m_i - m_safe[None, :]), 0.0)
-    return m, tl.sum(l_i * w, 0), tl.sum(acc * w[:, :, None], 0)
-
-
-@triton.jit
 def _split_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, lens_ptr, slots_ptr, starts_ptr, table_ptr, o_ptr, lse_ptr,
     out_ptr, arrive_ptr,
@@ -232,7 +174,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
     FUSED: tl.constexpr, FLAT: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROW_COST: tl.constexpr, LANES: tl.constexpr,
+    ROW_COST: tl.constexpr,
 ):
     if PDL:     # launched early: the grid before must end before anything is read
         gdc_wait()
@@ -266,7 +208,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
                      KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
-                     BLOCK_N, BLOCK_D, LANES)
+                     BLOCK_N, BLOCK_D)
             row += 1
     else:
         for row in range(first_row, last_row + 1):
@@ -276,7 +218,7 @@ def _split_kernel(  # type: ignore[no-untyped-def]
                      stride_vb, stride_vl, stride_vh, stride_op, stride_oh, stride_lp,
                      stride_outb, stride_outh, qk_scale, num_slots, GROUP, HEAD_DIM,
                      KV_BLOCK, HAS_SLOTS, FUSED, INTERPRETED, UPCAST, PRECISION, BLOCK_G,
-                     BLOCK_N, BLOCK_D, LANES)
+                     BLOCK_N, BLOCK_D)
     if FUSED:   # rows with nothing to attend to: zeros, each row by one program
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
@@ -478,7 +420,7 @@ def _segment(  # type: ignore[no-untyped-def]
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_SLOTS: tl.constexpr, FUSED: tl.constexpr, INTERPRETED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LANES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Attend over the blocks of run `piece` (global blocks ``[lo, hi)``) that belong to
     `row`, and store the partial as number ``piece + row`` (unique: the runs after this
@@ -506,44 +448,23 @@ def _segment(  # type: ignore[no-untyped-def]
     v_base = v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh
     table = table_ptr + row * stride_tb
 
-    if LANES > 1:
-        q3 = tl.broadcast_to(q[None, :, :], [LANES, BLOCK_G, BLOCK_D])
-        m3 = tl.full([LANES, BLOCK_G], float("-inf"), tl.float32)
-        l3 = tl.zeros([LANES, BLOCK_G], tl.float32)
-        acc3 = tl.zeros([LANES, BLOCK_G, BLOCK_D], tl.float32)
-        if INTERPRETED:
-            block = first_block
-            while block < last_block:
-                m3, l3, acc3 = _attend_block_lanes(
-                    q3, k_base, v_base, table, block, row_start, row_end, m3, l3, acc3,
-                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, LANES,
-                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-                block += 1
-        else:
-            for block in range(first_block, last_block):
-                m3, l3, acc3 = _attend_block_lanes(
-                    q3, k_base, v_base, table, block, row_start, row_end, m3, l3, acc3,
-                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale, LANES,
-                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-        m_i, l_i, acc = fold_lanes(m3, l3, acc3)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if INTERPRETED:
+        block = first_block
+        while block < last_block:
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
+                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+            block += 1
     else:
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if INTERPRETED:
-            block = first_block
-            while block < last_block:
-                m_i, l_i, acc = _attend_block(
-                    q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
-                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
-                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-                block += 1
-        else:
-            for block in range(first_block, last_block):
-                m_i, l_i, acc = _attend_block(
-                    q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
-                    num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
-                    HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+        for block in range(first_block, last_block):
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, table, block, row_start, row_end, m_i, l_i, acc,
+                num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                HEAD_DIM, KV_BLOCK, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
 
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
@@ -732,21 +653,9 @@ class Tiling:
     whose loop walks the cut's blocks themselves. The default tiling of head dim <= 128
     takes 2 (docs/benchmarks.md, "A request's start counted in the cut")."""
 
-    lanes: bool = False
-    """Give each warp of a split program its own online softmax over its share of every
-    K/V tile (``block_n / num_warps`` tokens: a batched dot, one batch entry a warp),
-    and fold the warps' partials once, after a request's last tile in the run
-    (`lanes_step`): the row-wise max and sum of a tile then stay inside a warp.
-    Needs ``block_n >= 16 * num_warps``; not with `flat`. Off: not yet timed on a GPU,
-    and compiled for sm_90 it spills (docs/benchmarks.md)."""
-
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
-        if self.lanes and (self.flat or self.block_n < 16 * self.num_warps):
-            raise ValueError(f"lanes needs block_n >= {16 * self.num_warps} (16 tokens for "
-                             f"each of {self.num_warps} warps) and flat=False, got "
-                             f"block_n={self.block_n}, flat={self.flat}")
         if self.merge_block < 1 or self.merge_block & (self.merge_block - 1):
             raise ValueError(f"merge_block must be a power of two, got {self.merge_block}")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -925,8 +834,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     shared = dict(HAS_STARTS=starts is not None, CHECK_SLOTS=slots is not None and kv_block == 0,
                   INTERPRETED=_interpreted(), PDL=pdl,
                   BLOCK_B=max(2, triton.next_power_of_2(batch)), BLOCK_N=tiling.block_n,
-                  BLOCK_D=block_d, ROW_COST=tiling.row_cost,
-                  LANES=tiling.num_warps if tiling.lanes else 1)
+                  BLOCK_D=block_d, ROW_COST=tiling.row_cost)
     launch_options = {"launch_pdl": True} if pdl else {}
     _split_kernel[(splits, num_kv_heads)](
         q, k, v, lens, slots if slots is not None else dummy,
@@ -941,7 +849,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
         HAS_SLOTS=slots is not None, FUSED=fused, FLAT=tiling.flat,
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32 exact, not tf32
-        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), **shared,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        **shared,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **launch_options)
     if fused:
         return out

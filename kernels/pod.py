@@ -56,17 +56,13 @@ from vattn.kernels.decode import (
     check_heads,
     check_index,
     check_output,
-    fold_lanes,
     fold_partial,
-    lanes_step,
     require_runnable,
 )
 
 SPLIT_BASE, SPLIT_MAX, SPLIT_SMS_PER_UNIT = 2048, 8192, 2
 """`PodTiling.split_for`'s rule: decode splits of SPLIT_BASE tokens, doubled up to
 SPLIT_MAX while there is still a split for every SPLIT_SMS_PER_UNIT SMs."""
-MAX_PREFETCH = 16
-"""The most tiles `PodTiling.decode_prefetch` asks L2 for ahead of a decode split."""
 
 Policy = Literal["proportional", "50:50", "partitioned", "paired"]
 POLICIES: tuple[Policy, ...] = ("proportional", "50:50", "partitioned", "paired")
@@ -97,21 +93,6 @@ class PodTiling:
     """Software-pipelining depth of a decode split's tile loop (default `num_stages`);
     1 loads its K/V tiles without staging buffers. On an H200, 1 and 2 made the
     decodes 9-88% slower and the fused launch no better (docs/benchmarks.md)."""
-    decode_lanes: bool = False
-    """Give each warp of a decode split its own online softmax over its share of every
-    K/V tile (``decode_block_n / num_warps`` tokens: a batched dot, one batch entry a
-    warp), and fold the warps' partials once, after the split's last tile. The
-    row-wise max and sum of a tile then stay inside a warp: compiled for sm_90, the
-    loop of a 64-token tile has 3 barriers instead of 9 and no shared-memory round trip
-    for the reductions. Needs ``decode_block_n >= 16 * num_warps``. Off by default: not
-    yet timed on a GPU (`tune_pod.py --grid lanes`, docs/benchmarks.md)."""
-    decode_prefetch: int = 0
-    """Ask L2 for a decode split's K/V this many tiles ahead of the tile it attends over
-    (one ``prefetch.global.L2`` of a 128-byte line a thread, for K and for V, each
-    tile), so that more of the split's bytes are on their way from DRAM than its
-    pipeline's staging buffers hold; it takes no shared memory. Never past the split's
-    last token. 0 (default): none. Ignored by the interpreter. Not yet timed on a GPU
-    (`tune_pod.py --grid decode-loop`, docs/benchmarks.md)."""
     decode_sms: float = 0.5
     """The ``"partitioned"`` policy: the share of SMs whose programs take decode
     splits first (the others take prefill tiles first), spread evenly over SM ids."""
@@ -149,13 +130,6 @@ class PodTiling:
         if self.num_stages < 1 or (self.decode_stages is not None and self.decode_stages < 1):
             raise ValueError(f"num_stages and decode_stages must be >= 1, got "
                              f"{self.num_stages} and {self.decode_stages}")
-        if self.decode_lanes and self.decode_block_n < 16 * self.num_warps:
-            raise ValueError(f"decode_lanes needs decode_block_n >= {16 * self.num_warps} "
-                             f"(16 tokens for each of {self.num_warps} warps), got "
-                             f"{self.decode_block_n}")
-        if not 0 <= self.decode_prefetch <= MAX_PREFETCH:
-            raise ValueError(f"decode_prefetch must be in [0, {MAX_PREFETCH}] tiles, got "
-                             f"{self.decode_prefetch}")
         if not 0.0 <= self.decode_sms <= 1.0:
             raise ValueError(f"decode_sms must be in [0, 1], got {self.decode_sms}")
         if self.max_registers is not None and not 24 <= self.max_registers <= 255:
@@ -280,25 +254,6 @@ def _kv_tile(desc, ptrs, mask, slot, box, kv_head, MASKED, TMA: tl.constexpr,  #
 
 
 @triton.jit
-def _prefetch_l2(  # type: ignore[no-untyped-def]
-    k_base, v_base, stride_kl, stride_vl, first, last, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LINES: tl.constexpr,
-):
-    """`PodTiling.decode_prefetch`: ask L2 for the K and V rows of tokens ``[first,
-    first + BLOCK_N)``, those past `last` (a token the split reads) taken as `last`, one
-    128-byte line of a row (LINES a row) a thread. A hint: it returns at once and
-    writes nothing."""
-    i = tl.arange(0, BLOCK_N * LINES)
-    tok = tl.minimum(first + i // LINES, last).to(tl.int64)
-    col = tl.minimum((i % LINES) * (BLOCK_D // LINES), HEAD_DIM - 1)
-    asm: tl.constexpr = "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;"
-    tl.inline_asm_elementwise(asm, "=r,l", [k_base + tok * stride_kl + col], dtype=tl.int32,
-                              is_pure=False, pack=1)
-    tl.inline_asm_elementwise(asm, "=r,l", [v_base + tok * stride_vl + col], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _decode_block_tma(  # type: ignore[no-untyped-def]
     q, k_desc, v_desc, slot, kv_head, box, start, end, m_i, l_i, acc, qk_scale, MASKED,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -326,34 +281,6 @@ def _decode_block_tma(  # type: ignore[no-untyped-def]
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
-
-
-@triton.jit
-def _decode_block_lanes(  # type: ignore[no-untyped-def]
-    q3, k_desc, v_desc, k_base, v_base, slot, kv_head, box, start, end, m_i, l_i, acc,
-    stride_kl, stride_vl, qk_scale, MASKED, LANES: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr,
-):
-    """`lanes_step` over the decode K/V tile of tokens ``[box, box + BLOCK_N)``, of
-    which ``[start, end)`` count (`PodTiling.decode_lanes`). The TMA copies it as
-    `_decode_block_tma` does; without it, a masked load per thread reads only the
-    tokens before `end`."""
-    pos = box + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if TMA:
-        n_mask = pos >= start if SHIFT else pos < end
-        kv_mask = n_mask[:, None]
-    else:
-        n_mask = pos < end
-        kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    pos64 = pos.to(tl.int64)[:, None]
-    k = _kv_tile(k_desc, k_base + pos64 * stride_kl + offs_d[None, :], kv_mask, slot, box,
-                 kv_head, MASKED, TMA, BLOCK_N, BLOCK_D)
-    v = _kv_tile(v_desc, v_base + pos64 * stride_vl + offs_d[None, :], kv_mask, slot, box,
-                 kv_head, MASKED, TMA, BLOCK_N, BLOCK_D)
-    return lanes_step(q3, k, v, n_mask, m_i, l_i, acc, qk_scale, MASKED, LANES, UPCAST,
-                      PRECISION, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -395,48 +322,6 @@ def _prefill_block(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _decode_lanes(  # type: ignore[no-untyped-def]
-    q, k_desc, v_desc, k_base, v_base, slot, kv_head, lo, span, end, stride_kl, stride_vl,
-    qk_scale, LANES: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr,
-    SHIFT: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
-):
-    """A decode split's `span` tokens from `lo` (`PodTiling.decode_lanes`): the whole
-    tiles, then the partial one, in LANES lanes; returns their folded ``(m, l, acc)``."""
-    q3 = tl.broadcast_to(q[None, :, :], [LANES, BLOCK_G, BLOCK_D])
-    m_i = tl.full([LANES, BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([LANES, BLOCK_G], tl.float32)
-    acc = tl.zeros([LANES, BLOCK_G, BLOCK_D], tl.float32)
-    whole = span // BLOCK_N
-    if INTERPRETED:
-        block = 0
-        while block < whole:
-            m_i, l_i, acc = _decode_block_lanes(
-                q3, k_desc, v_desc, k_base, v_base, slot, kv_head, lo + block * BLOCK_N,
-                lo + block * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
-                False, LANES, HEAD_DIM, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
-            block += 1
-    else:
-        for block in tl.range(0, whole, num_stages=STAGES):
-            if PREFETCH > 0:
-                _prefetch_l2(k_base, v_base, stride_kl, stride_vl,
-                             lo + (block + PREFETCH) * BLOCK_N, lo + span - 1, HEAD_DIM,
-                             BLOCK_N, BLOCK_D, LINES)
-            m_i, l_i, acc = _decode_block_lanes(
-                q3, k_desc, v_desc, k_base, v_base, slot, kv_head, lo + block * BLOCK_N,
-                lo + block * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale,
-                False, LANES, HEAD_DIM, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
-    if span % BLOCK_N:      # TMA and SHIFT: the box ending at the split's last token
-        m_i, l_i, acc = _decode_block_lanes(
-            q3, k_desc, v_desc, k_base, v_base, slot, kv_head,
-            lo + span - BLOCK_N if TMA and SHIFT else lo + whole * BLOCK_N,
-            lo + whole * BLOCK_N, end, m_i, l_i, acc, stride_kl, stride_vl, qk_scale, True,
-            LANES, HEAD_DIM, UPCAST, PRECISION, BLOCK_N, BLOCK_D, TMA, SHIFT)
-    return fold_lanes(m_i, l_i, acc)
-
-
-@triton.jit
 def _decode_split(  # type: ignore[no-untyped-def]
     unit, qd_ptr, od_ptr, k_ptr, v_ptr, k_desc, v_desc, lens_ptr, slots_ptr, part_ptr, lse_ptr,
     arrive_ptr, num_slots, max_len,
@@ -446,8 +331,7 @@ def _decode_split(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr, HAS_SLOTS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr, LANES: tl.constexpr,
-    PREFETCH: tl.constexpr, LINES: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, SHIFT: tl.constexpr,
 ):
     """Split s of request b, KV head h (unit = (b * NUM_KV_HEADS + h) * NUM_SPLITS + s):
     a partial over its tokens; the last of the request's live splits (those holding
@@ -479,62 +363,48 @@ def _decode_split(  # type: ignore[no-untyped-def]
         v_base = v_ptr + slot * stride_vb + kv_head.to(tl.int64) * stride_vh
         lo = split * SPLIT
         span = tl.maximum(tl.minimum(end, lo + SPLIT) - lo, 0)    # the split's tokens
-        if LANES > 1:
-            m_i, l_i, acc = _decode_lanes(
-                q, k_desc, v_desc, k_base, v_base, slot.to(tl.int32), kv_head, lo, span, end,
-                stride_kl, stride_vl, qk_scale, LANES, HEAD_DIM, UPCAST, PRECISION,
-                INTERPRETED, BLOCK_G, BLOCK_N, BLOCK_D, STAGES, TMA, SHIFT, PREFETCH, LINES)
-        else:
-            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            if TMA:     # whole tiles unmasked, then the partial one
-                whole = span // BLOCK_N
-                slot32 = slot.to(tl.int32)
-                if INTERPRETED:
-                    block = 0
-                    while block < whole:
-                        m_i, l_i, acc = _decode_block_tma(
-                            q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
-                            lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False,
-                            UPCAST, PRECISION, BLOCK_N, BLOCK_D, SHIFT)
-                        block += 1
-                else:
-                    for block in tl.range(0, whole, num_stages=STAGES):
-                        if PREFETCH > 0:
-                            _prefetch_l2(k_base, v_base, stride_kl, stride_vl,
-                                         lo + (block + PREFETCH) * BLOCK_N, lo + span - 1,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, LINES)
-                        m_i, l_i, acc = _decode_block_tma(
-                            q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
-                            lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False,
-                            UPCAST, PRECISION, BLOCK_N, BLOCK_D, SHIFT)
-                if span % BLOCK_N:      # SHIFT: the box ending at the split's last token
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        if TMA:     # whole tiles unmasked, then the partial one
+            whole = span // BLOCK_N
+            slot32 = slot.to(tl.int32)
+            if INTERPRETED:
+                block = 0
+                while block < whole:
                     m_i, l_i, acc = _decode_block_tma(
-                        q, k_desc, v_desc, slot32, kv_head,
-                        lo + span - BLOCK_N if SHIFT else lo + whole * BLOCK_N,
-                        lo + whole * BLOCK_N, end, m_i, l_i, acc, qk_scale, True, UPCAST,
-                        PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
+                        lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False,
+                        UPCAST, PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+                    block += 1
             else:
-                last_block = tl.cdiv(span, BLOCK_N)
-                if INTERPRETED:
-                    block = 0
-                    while block < last_block:
-                        m_i, l_i, acc = _attend_block(
-                            q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc,
-                            num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
-                            HEAD_DIM, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-                        block += 1
-                else:
-                    for block in tl.range(0, last_block, num_stages=STAGES):
-                        if PREFETCH > 0:
-                            _prefetch_l2(k_base, v_base, stride_kl, stride_vl,
-                                         lo + (block + PREFETCH) * BLOCK_N, lo + span - 1,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, LINES)
-                        m_i, l_i, acc = _attend_block(
-                            q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc,
-                            num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
-                            HEAD_DIM, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                for block in tl.range(0, whole, num_stages=STAGES):
+                    m_i, l_i, acc = _decode_block_tma(
+                        q, k_desc, v_desc, slot32, kv_head, lo + block * BLOCK_N,
+                        lo + block * BLOCK_N, end, m_i, l_i, acc, qk_scale, False,
+                        UPCAST, PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+            if span % BLOCK_N:      # SHIFT: the box ending at the split's last token
+                m_i, l_i, acc = _decode_block_tma(
+                    q, k_desc, v_desc, slot32, kv_head,
+                    lo + span - BLOCK_N if SHIFT else lo + whole * BLOCK_N,
+                    lo + whole * BLOCK_N, end, m_i, l_i, acc, qk_scale, True, UPCAST,
+                    PRECISION, BLOCK_N, BLOCK_D, SHIFT)
+        else:
+            last_block = tl.cdiv(span, BLOCK_N)
+            if INTERPRETED:
+                block = 0
+                while block < last_block:
+                    m_i, l_i, acc = _attend_block(
+                        q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc,
+                        num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                        HEAD_DIM, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+                    block += 1
+            else:
+                for block in tl.range(0, last_block, num_stages=STAGES):
+                    m_i, l_i, acc = _attend_block(
+                        q, k_base, v_base, k_base, block, lo, end, m_i, l_i, acc,
+                        num_slots, stride_kb, stride_kl, stride_vb, stride_vl, qk_scale,
+                        HEAD_DIM, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
         has = l_i > 0
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         part = part_ptr + (unit * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
@@ -576,8 +446,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
     INTERPRETED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr,
     BLOCK_D: tl.constexpr, DECODE_STAGES: tl.constexpr, TRACE: tl.constexpr,
-    TMA: tl.constexpr, SHIFT: tl.constexpr, LANES: tl.constexpr, PREFETCH: tl.constexpr,
-    LINES: tl.constexpr,
+    TMA: tl.constexpr, SHIFT: tl.constexpr,
 ):
     # counters: [0] prefill units claimed, [1] decode units claimed, [2 + sm] tickets
     # (paired: prefill programs running on the SM).
@@ -621,7 +490,7 @@ def _pod_kernel(  # type: ignore[no-untyped-def]
                       stride_vl, stride_vh, qk_scale, NUM_KV_HEADS, NUM_SPLITS,
                       NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, HAS_SLOTS, UPCAST, PRECISION,
                       INTERPRETED, SPLIT, BLOCK_G, BLOCK_ND, BLOCK_D, DECODE_STAGES, TMA,
-                      SHIFT, LANES, PREFETCH, LINES)
+                      SHIFT)
     if TRACE:
         row = trace_ptr + tl.program_id(0).to(tl.int64) * 5
         tl.store(row, started)
@@ -757,9 +626,6 @@ def pod_attention(q_prefill: torch.Tensor, q_decode: torch.Tensor, k_cache: torc
         BLOCK_D=block_d, TRACE=trace is not None,
         DECODE_STAGES=tiling.decode_stages or tiling.num_stages, TMA=tma,
         SHIFT=tma and tiling.tma_shift,
-        LANES=tiling.num_warps if tiling.decode_lanes else 1,
-        PREFETCH=tiling.decode_prefetch,
-        LINES=max(1, block_d * k_cache.element_size() // 128),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         **({} if tiling.max_registers is None or interpreted
            else {"maxnreg": tiling.max_registers}))

@@ -61,8 +61,7 @@ def _compile(fn: triton.JITFunction, const: dict[str, object], descriptors: dict
     stack = int(usage.split("STACK:")[1].split()[0])       # spilled registers live here
     return {"shared": kernel.metadata.shared, "registers": registers, "stack": stack,
             "threads": 32 * num_warps,
-            "bulk copies": "cp.async.bulk.tensor" in kernel.asm["ptx"],
-            "l2 prefetches": kernel.asm["ptx"].count("prefetch.global.L2")}
+            "bulk copies": "cp.async.bulk.tensor" in kernel.asm["ptx"]}
 
 
 def programs_that_fit(used: dict[str, object]) -> int:
@@ -83,7 +82,7 @@ def split_footprint(tiling: Tiling, kv_block: int = 0, head_dim: int = 128,
                  FLAT=tiling.flat, INTERPRETED=False, UPCAST=False, PRECISION=None,
                  PDL=tiling.pdl, BLOCK_B=max(2, triton.next_power_of_2(batch)),
                  BLOCK_G=16, BLOCK_N=tiling.block_n, BLOCK_D=head_dim,
-                 ROW_COST=tiling.row_cost, LANES=tiling.num_warps if tiling.lanes else 1)
+                 ROW_COST=tiling.row_cost)
     return _compile(_split_kernel, const, {}, tiling.num_warps, tiling.num_stages)
 
 
@@ -99,8 +98,7 @@ def pod_footprint(tma: bool, shift: bool = False,
                  SPLIT=split, BLOCK_M=t.block_m, BLOCK_G=16, BLOCK_N=t.block_n,
                  BLOCK_ND=t.decode_block_n, BLOCK_D=128,
                  DECODE_STAGES=t.decode_stages or t.num_stages, TRACE=False, TMA=tma,
-                 SHIFT=shift, LANES=t.num_warps if t.decode_lanes else 1,
-                 PREFETCH=t.decode_prefetch, LINES=2)
+                 SHIFT=shift)
     descriptors = {name: f"tensordesc<bf16[1, {n}, 1, 128]>" if tma else "*bf16"
                    for name, n in (("kp_desc", t.block_n), ("vp_desc", t.block_n),
                                    ("kd_desc", t.decode_block_n),
@@ -131,10 +129,6 @@ if __name__ == "__main__":
     # The fused kernel expects two programs an SM: a prefill tile beside a decode split.
     found = {f"pod tma={tma}": _placed(pod_footprint(tma), 2) for tma in (False, True)}
     found["pod tma=shift"] = _placed(pod_footprint(True, shift=True), 2)
-    found["pod lanes"] = _placed(pod_footprint(True, shift=True,
-                                               tiling=PodTiling(decode_lanes=True)), 2)
-    found["pod prefetch"] = _placed(pod_footprint(True, shift=True,
-                                                  tiling=PodTiling(decode_prefetch=4)), 2)
     found.update({name: _placed(split_footprint(tiling, kv_block, head_dim),
                                 tiling.programs_per_sm)
                   for name, (tiling, kv_block, head_dim) in decode_tilings().items()})

@@ -580,44 +580,6 @@ def test_runs_cut_with_a_cost_per_request_start(fused: bool) -> None:
             assert relative_error(out[row:row + 1], ref[row:row + 1]) < 1e-2, (splits, row)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("paged", [0, 16])
-def test_lanes_leave_the_result_alone(fused: bool, paged: int) -> None:
-    # `Tiling.lanes`: each warp's softmax over a quarter of every 64-token tile. The
-    # lengths and starts end and begin inside a lane's tokens, so that some lanes of a
-    # run see no token at all (length 5; start 70 of 75); runs split requests at many
-    # counts; a NaN-filled cache past the lengths, NaN blocks for the paged twin.
-    from vattn.kernels import Tiling
-    from vattn.kernels.decode import launch
-
-    tiling = Tiling(block_n=64, num_warps=4, num_stages=2, programs_per_sm=1,
-                    fused_reduction=fused, lanes=True)
-    dtype = torch.bfloat16
-    with make_cache("token_major", dtype, slots=5) as cache:
-        slots = [cache.allocate() for _ in range(5)]
-        lengths, starts = [5, 300, 75, 0, 130], [0, 17, 70, 0, 0]
-        fill(cache, 1, slots, lengths, dtype)
-        k, v = cache.kv(1)
-        q = torch.randn(5, 2 * HKV, D, device=DEVICE).to(dtype)
-        ref = reference(q, k, v, lengths, slots, starts, D ** -0.5)
-        if paged:
-            k, v, table = to_blocks(k, v, slots, lengths, paged)
-            args = (None, table, paged, k.shape[0], table.shape[1] * paged)
-        else:
-            args = (_ints(slots), None, 0, k.shape[0], k.shape[1])
-        slot_ids, table, kv_block, num_slots, lmax = args
-        workspace = torch.zeros(5 * HKV, dtype=torch.int32, device=DEVICE)
-        for splits in (1, 3, 7):
-            out = torch.full_like(q, float("nan"))
-            launch(q, k, v, _ints(lengths), slot_ids, _ints(starts), table, kv_block,
-                   num_slots, lmax, None, out, splits, tiling, workspace)
-            assert not workspace.any(), splits
-            assert not torch.isnan(out).any(), splits
-            assert torch.equal(out[3], torch.zeros_like(out[3])), splits
-            for row in (0, 1, 2, 4):
-                assert relative_error(out[row:row + 1], ref[row:row + 1]) < 1e-2, (splits, row)
-
-
 def test_a_bad_run_count_is_refused() -> None:
     k = torch.randn(2, 32, HKV, D, device=DEVICE).to(torch.float16)
     q = torch.randn(2, 2 * HKV, D, device=DEVICE).to(torch.float16)

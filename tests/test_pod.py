@@ -304,13 +304,8 @@ def test_tiling_is_validated() -> None:
         PodTiling(decode_sms=1.5)
     with pytest.raises(ValueError, match="decode_stages must be >= 1"):
         PodTiling(decode_stages=0)
-    with pytest.raises(ValueError, match="decode_lanes needs decode_block_n >= 64"):
-        PodTiling(decode_lanes=True, decode_block_n=32)
     with pytest.raises(ValueError, match="max_registers must be in"):
         PodTiling(max_registers=300)
-    for tiles in (-1, 17):
-        with pytest.raises(ValueError, match=r"decode_prefetch must be in \[0, 16\]"):
-            PodTiling(decode_prefetch=tiles)
 
 
 def test_the_split_from_the_shape_follows_the_decodes_not_their_lengths() -> None:
@@ -419,35 +414,6 @@ def test_tma_and_a_register_cap_leave_the_result_alone(layout: str, dtype: torch
         cache.close()
 
 
-@pytest.mark.parametrize("tiling", [
-    PodTiling(block_m=16, block_n=16, decode_block_n=64, split=128, decode_lanes=True),
-    PodTiling(block_m=16, block_n=16, decode_block_n=64, split=192, decode_lanes=True,
-              tma=True, tma_shift=False),
-    PodTiling(block_m=16, block_n=16, decode_block_n=64, split=192, decode_lanes=True,
-              tma=False),
-    PodTiling(block_m=16, block_n=16, decode_block_n=32, split=64, decode_lanes=True,
-              num_warps=2)], ids=["tma-shift", "tma-whole", "per-thread-loads", "two-lanes"])
-def test_decode_lanes_leave_the_result_alone(tiling: PodTiling) -> None:
-    """`PodTiling.decode_lanes`: every lane (a quarter of a 64-token tile; a half of a
-    32-token tile at 2 warps) keeps its own softmax. Lengths that end in a tile's first
-    lane leave the other lanes empty: in a split's only tile (5) and after whole tiles
-    (70, 129, 200); 192-token splits end in a partial tile. NaN-filled pages past the
-    lengths must not reach the sums, and an empty request stays zero."""
-    torch.manual_seed(13)
-    prefix, chunk, lengths = 30, 35, [70, 5, 0, 64, 129, 200, -1]
-    cache, k, v, qp, qd, slots = hybrid(torch.bfloat16, "per_layer", prefix, chunk, lengths)
-    try:
-        op, od = pod_attention(qp, qd, k, v, 0, prefix, _ints(lengths), _ints(slots),
-                               tiling=tiling)
-        assert not torch.isnan(od).any()
-        assert worst_row_error(od, reference(qd, k, v, lengths, slots, [0] * len(lengths),
-                                             D ** -0.5)) < 1e-2
-        assert worst_row_error(op, causal_reference(qp, k, v, 0, prefix, D ** -0.5)) < 1e-2
-        assert torch.all(od[2] == 0)
-    finally:
-        cache.close()
-
-
 def test_shifted_tma_boxes_need_no_read_slack() -> None:
     """With `PodTiling.tma_shift` (the default), a tile crossing a length is copied as
     the box ending there, so a cache with no read slack serves 64-token tiles: lengths
@@ -507,19 +473,12 @@ def test_the_fused_kernel_fits_two_programs_an_sm_on_hopper(
         sm90_footprints: dict[str, dict[str, object]]) -> None:
     """Compiled ahead of time for sm_90, the default tiling leaves room for two
     programs an SM, with and without the TMA, so that a prefill tile and a decode split
-    can share an SM; so do `decode_lanes` and `decode_prefetch` (TMA, shifted boxes).
-    None spills registers to the stack, and only `decode_prefetch` asks L2 for lines
-    (a prefetch the compiler dropped would be timed as one that does not help)."""
+    can share an SM, and none spills registers to the stack."""
     for tma in (False, True, "shift"):
         used = sm90_footprints[f"pod tma={tma}"]
         assert used["fit"] >= used["programs_per_sm"] == 2, used
         assert used["bulk copies"] == (tma is not False), used
-        assert used["stack"] == 0 and used["l2 prefetches"] == 0, used
-    for name in ("pod lanes", "pod prefetch"):
-        used = sm90_footprints[name]
-        assert used["fit"] >= used["programs_per_sm"] == 2 and used["bulk copies"], used
         assert used["stack"] == 0, used
-        assert (used["l2 prefetches"] > 0) == (name == "pod prefetch"), used
 
 
 @pytest.mark.gpu
@@ -559,10 +518,7 @@ def test_pod_sweep_on_the_gpu(prefix: int, chunk: int, batch: int, context: int,
         assert relative_error(op[rows], ref[rows]) < 1e-2, policy
     for tiling in (PodTiling(tma=False), PodTiling(tma_shift=False),
                    PodTiling(block_n=32, decode_block_n=32, max_registers=168),
-                   PodTiling(split=2048),      # the fixed split the rule replaced
-                   PodTiling(decode_lanes=True), PodTiling(decode_lanes=True, tma=False),
-                   PodTiling(decode_prefetch=4), PodTiling(decode_prefetch=4, tma=False),
-                   PodTiling(decode_prefetch=4, decode_lanes=True)):
+                   PodTiling(split=2048)):     # the fixed split the rule replaced
         op, od = pod_attention(qp, qd, k, v, 0, prefix, lengths, slots, tiling=tiling)
         assert relative_error(od, alone.float()) < 1e-2, tiling
         assert relative_error(op, flash.float()) < 1e-2, tiling
