@@ -39,7 +39,10 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     (`PodTiling.tma_shift`, the default) against copied whole; ``split``: decode splits
     of `splits` tokens (``--splits``; ``split=None`` picks one from the shape,
     `PodTiling.split_for`; 1024 was never more than 0.9% ahead of 2048 in the ``full``
-    sweep); ``quick``: the default only."""
+    sweep); ``wide``: 8 warps, with 128-token query blocks, capped at 128 registers a
+    thread so that two programs (16 warps) still fit on an SM (32-token prefill K/V
+    tiles; with 64-token ones and 2 stages, or 64-token query blocks, a few registers
+    spill); ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "split":
@@ -56,6 +59,12 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
                 dataclasses.replace(short, max_registers=168, tma=True),
                 dataclasses.replace(short, num_stages=2, max_registers=128),
                 dataclasses.replace(short, num_stages=2, max_registers=128, tma=True)]
+    if grid == "wide":
+        wide = PodTiling(block_m=128, block_n=32, num_warps=8, max_registers=128)
+        return [PodTiling(), wide, dataclasses.replace(wide, num_stages=2),
+                dataclasses.replace(wide, decode_block_n=32),
+                dataclasses.replace(wide, block_n=64, num_stages=2),
+                PodTiling(num_warps=8, max_registers=128)]
     if grid == "stages":
         return [PodTiling(decode_stages=1), PodTiling(decode_stages=2)]
     return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
@@ -159,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="full",
                         choices=("full", "stages", "occupancy", "shift", "split", "decode-tile",
-                                 "quick"))
+                                 "wide", "quick"))
     parser.add_argument("--policies", default="proportional,50:50")
     parser.add_argument("--splits", default="2048,4096,8192",
                         help="--grid split: the decode splits timed, in tokens")

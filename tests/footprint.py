@@ -34,7 +34,8 @@ REGISTERS_PER_SM = 65536
 
 
 def _compile(fn: triton.JITFunction, const: dict[str, object], descriptors: dict[str, str],
-             num_warps: int, num_stages: int) -> dict[str, object]:
+             num_warps: int, num_stages: int,
+             max_registers: int | None = None) -> dict[str, object]:
     """Shared memory (bytes), registers per thread, stack bytes per thread (where spilled
     registers go) and whether bulk tensor copies are in the code of `fn` compiled for
     sm_90; pointers and strides 16-divisible, as the launches specialize them."""
@@ -49,7 +50,9 @@ def _compile(fn: triton.JITFunction, const: dict[str, object], descriptors: dict
         if signature[name].startswith("*") or name.startswith("stride_"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn, signature, const, attrs), target=SM90,
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages,
+                                         **({} if max_registers is None
+                                            else {"maxnreg": max_registers})))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -103,7 +106,8 @@ def pod_footprint(tma: bool, shift: bool = False,
                    for name, n in (("kp_desc", t.block_n), ("vp_desc", t.block_n),
                                    ("kd_desc", t.decode_block_n),
                                    ("vd_desc", t.decode_block_n))}
-    return _compile(_pod_kernel, const, descriptors, t.num_warps, t.num_stages)
+    return _compile(_pod_kernel, const, descriptors, t.num_warps, t.num_stages,
+                    t.max_registers)
 
 
 def decode_tilings() -> dict[str, tuple[Tiling, int, int]]:
