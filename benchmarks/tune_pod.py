@@ -40,9 +40,9 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     of `splits` tokens (``--splits``; ``split=None`` picks one from the shape,
     `PodTiling.split_for`; 1024 was never more than 0.9% ahead of 2048 in the ``full``
     sweep); ``wide``: 8 warps, with 128-token query blocks, capped at 128 registers a
-    thread so that two programs (16 warps) still fit on an SM (32-token prefill K/V
-    tiles; with 64-token ones and 2 stages, or 64-token query blocks, a few registers
-    spill); ``quick``: the default only."""
+    thread so that two programs (16 warps) still fit on an SM, with 32-token prefill K/V
+    tiles (64-token ones spill at that cap), 3 or 2 stages, 64- or 32-token decode
+    tiles; ``quick``: the default only."""
     if grid == "quick":
         return [PodTiling()]
     if grid == "split":
@@ -62,9 +62,7 @@ def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[Pod
     if grid == "wide":
         wide = PodTiling(block_m=128, block_n=32, num_warps=8, max_registers=128)
         return [PodTiling(), wide, dataclasses.replace(wide, num_stages=2),
-                dataclasses.replace(wide, decode_block_n=32),
-                dataclasses.replace(wide, block_n=64, num_stages=2),
-                PodTiling(num_warps=8, max_registers=128)]
+                dataclasses.replace(wide, decode_block_n=32)]
     if grid == "stages":
         return [PodTiling(decode_stages=1), PodTiling(decode_stages=2)]
     return [PodTiling(block_n=n, decode_block_n=nd, num_stages=st)
