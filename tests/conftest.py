@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -42,6 +44,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, reason in skips:
             if marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def launches_name_only_known_arguments() -> Iterator[None]:
+    """The interpreter drops keyword arguments a kernel does not take, where the compiled
+    launcher raises ``KeyError``: raise here too, so that a launch passing a stray
+    constexpr fails on the CPU as it would on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.runtime.interpreter import InterpretedFunction
+
+    options = {field.name for field in dataclasses.fields(CUDAOptions)}
+    run = InterpretedFunction.run
+
+    def checked(self: InterpretedFunction, *args: object, grid: object, warmup: bool,
+                **kwargs: object) -> object:
+        stray = sorted(k for k in kwargs if k not in self.arg_names and k not in options)
+        if stray:
+            raise KeyError(f"keyword arguments {stray} were specified but are not "
+                           f"arguments of {self.fn.__name__}")
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InterpretedFunction, "run", checked)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -74,6 +76,24 @@ def fill(cache: VirtualKVCache, layer: int, slots: list[int], lengths: list[int]
 
 def _ints(values: object) -> torch.Tensor:
     return torch.as_tensor(values, device=DEVICE).to(torch.int32)
+
+
+@triton.jit
+def _scaled_copy(src, dst, SCALE: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    offs = tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs) * SCALE)
+
+
+def test_a_stray_launch_keyword_fails_on_the_cpu_as_on_a_gpu() -> None:
+    """The compiled launcher refuses a keyword the kernel does not take; conftest's
+    guard makes the interpreter refuse it too (a merge launch once got a constexpr only
+    the split launch takes, and only the GPU noticed)."""
+    src = torch.randn(16, device=DEVICE)
+    dst = torch.empty_like(src)
+    _scaled_copy[(1,)](src, dst, SCALE=2.0, BLOCK=16, num_warps=1)
+    assert torch.equal(dst, src * 2)
+    with pytest.raises(KeyError, match="LANES"):
+        _scaled_copy[(1,)](src, dst, SCALE=2.0, BLOCK=16, LANES=4, num_warps=1)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
