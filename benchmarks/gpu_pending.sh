@@ -3,9 +3,9 @@
 # says which). Now: the ``wide`` grid of tune_pod.py (8-warp programs capped at 128
 # registers, two an SM; each tiling's outputs checked against the default's) over every
 # cell of `vattn bench pod` (CELLS=<subset> for fewer), 50:50. Logs and JSON under $OUT;
-# the summary prints last. The records still owed on an H200 (`vattn bench decode --cases
-# b --batches 8,16,32 --repeats 30`, `vattn bench pod --policy 50:50`) are in
-# gpu_pending_2.sh's second half and in the sections that name them.
+# the summary prints last. Still owed on an H200: `python3 -m vattn bench decode --cases b
+# --batches 8,16,32 --repeats 30` and `python3 -m vattn bench pod --policy 50:50`
+# (gpu_pending_2.sh runs the latter after the whole GPU suite).
 source "$(dirname "$0")/gpu_setup.sh"
 timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/tune_pod.py --grid wide \
     --cells "${CELLS:-grid}" --policies 50:50 --repeats 10 \
