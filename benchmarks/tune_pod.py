@@ -31,9 +31,10 @@ CELLS = [(2048, 16384, 8, 4096), (1024, 4096, 32, 16384), (512, 0, 64, 16384),
 def tilings(grid: str, splits: tuple[int, ...] = (2048, 4096, 8192)) -> list[PodTiling]:
     """``full``: prefill K/V tile x decode K/V tile x stages, then the decode split, at
     64-token query blocks and 4 warps (8 warps and 128-token query blocks, uncapped,
-    lose: one program per SM; ``wide`` caps them); ``stages``: the decode split's pipelining depth (1, 2, and the
-    default 3); ``occupancy``: bulk-copied (TMA) tiles, and footprints capped so that
-    three or four programs fit on an SM (32-token tiles, ``max_registers``);
+    lose: one program per SM; ``wide`` caps them); ``stages``: the decode split's
+    pipelining depth (1, 2, and the default 3); ``occupancy``: bulk-copied (TMA) tiles,
+    and footprints capped so that three or four programs fit on an SM (32-token tiles,
+    ``max_registers``);
     ``decode-tile``: 32- and 128-token decode tiles (128 also with 2 stages), at the
     split from the shape; ``shift``: TMA boxes that cross a length shifted back
     (`PodTiling.tma_shift`, the default) against copied whole; ``split``: decode splits

@@ -79,7 +79,9 @@ def _ints(values: object) -> torch.Tensor:
 
 
 @triton.jit
-def _scaled_copy(src, dst, SCALE: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+def _scaled_copy(  # type: ignore[no-untyped-def]
+    src, dst, SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
     offs = tl.arange(0, BLOCK)
     tl.store(dst + offs, tl.load(src + offs) * SCALE)
 
